@@ -1,0 +1,180 @@
+"""towerrec command line: prepare, train, build-index, query, evaluate.
+
+Subcommands only parse arguments and call library functions. Bad input ends with one line on stderr and
+exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_ML100K = Path(__file__).resolve().parent.parent / "shared" / "datasets" / "movielens-100k-mm"
+
+
+def _mapping(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for p in pairs:
+        if "=" not in p:
+            raise ValueError(f"--map {p!r} must look like source_column=canonical_column")
+        src, dst = p.split("=", 1)
+        out[src] = dst
+    return out
+
+
+def cmd_prepare(args) -> None:
+    from train import data
+
+    if args.format == "movielens-100k":
+        cat = data.prepare_movielens_100k(args.src, args.out)
+    elif args.format == "movielens-latest":
+        cat = data.prepare_movielens_latest(args.src, args.out)
+    else:
+        if not args.items or not args.interactions:
+            raise ValueError("--format generic needs --items and --interactions")
+        cat = data.prepare_generic(args.items, args.interactions, args.out, _mapping(args.map),
+                                   args.media_root, args.drop_unknown_items)
+    print(f"catalog {args.out}: {cat.items.height} items, {cat.interactions.height} interactions, "
+          f"{cat.interactions['user_id'].n_unique()} users")
+
+
+def cmd_train(args) -> None:
+    from configs import load_config
+    from train.loop import train
+
+    config = load_config(args.config, args.set)
+    result = train(config, args.catalog, args.run, progress=not args.quiet)
+    print(json.dumps({"run": str(result.run_dir), "best_epoch": result.best_epoch, "valid": result.valid,
+                      "test_retrieval": result.test, "seconds": round(result.seconds, 1)}, indent=2))
+
+
+def cmd_build_index(args) -> None:
+    from index.build import build_index
+
+    folder = build_index(args.run, args.catalog, args.factory, args.batch_size, args.workers, args.device,
+                         progress=not args.quiet)
+    print(f"live index: {folder}")
+
+
+def cmd_query(args) -> None:
+    from index.recommender import Recommender
+
+    rec = Recommender.load(args.run, device=args.device)
+    history = args.history.split(",") if args.history else None
+    results = rec.recommend(user_id=args.user, history=history, k=args.k,
+                            rerank=None if args.rerank is None else args.rerank == "on")
+    hist = history if history is not None else rec.history_of(args.user)
+    if args.json:
+        print(json.dumps([r.__dict__ for r in results], default=str))
+        return
+    print(f"history ({len(hist)} items, most recent last):")
+    for item_id in hist[-10:]:
+        print(f"  {item_id}: {rec.titles[rec.row_of[rec._key(item_id)]]}")
+    print(f"top-{args.k}:")
+    for i, r in enumerate(results, 1):
+        extra = f"  llm {r.rerank_score:+.3f}" if r.rerank_score is not None else ""
+        print(f"  {i:2d}. {r.item_id}: {r.title}  (score {r.score:.3f}, retrieval {r.retrieval_score:.3f}{extra})")
+
+
+def cmd_evaluate(args) -> None:
+    from index.evaluate import evaluate
+
+    out = evaluate(args.run, users=args.users, seed=args.seed, rerank=args.rerank == "on",
+                   progress=not args.quiet)
+    print(json.dumps(out, indent=None if args.json else 2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="towerrec", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("prepare", help="build a catalog (items.parquet + interactions.parquet)")
+    s.add_argument("--format", choices=["generic", "movielens-100k", "movielens-latest"], default="generic")
+    s.add_argument("--src", default=os.environ.get("TOWERREC_ML100K", str(DEFAULT_ML100K)),
+                   help="dataset folder for the movielens formats")
+    s.add_argument("--items", help="generic: items CSV/Parquet")
+    s.add_argument("--interactions", help="generic: interactions CSV/Parquet")
+    s.add_argument("--map", action="append", default=[], metavar="SRC=DST",
+                   help="generic: rename a source column to a canonical one (repeatable)")
+    s.add_argument("--media-root", help="generic: folder that media paths are relative to")
+    s.add_argument("--drop-unknown-items", action="store_true",
+                   help="generic: drop interactions whose item is not in the items table instead of failing")
+    s.add_argument("--out", required=True, help="catalog folder to write")
+    s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("train", help="train both towers and write a run directory")
+    s.add_argument("--config", default="offline", help="setup name (tiny, offline, hub) or a YAML/JSON file")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. train.lr=1e-4 (repeatable)")
+    s.add_argument("--catalog", required=True)
+    s.add_argument("--run", required=True, help="run directory to write")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("build-index", help="embed the catalog and write a new live FAISS index version")
+    s.add_argument("--run", required=True)
+    s.add_argument("--catalog", help="catalog to index (default: the one the run was trained on)")
+    s.add_argument("--factory", help="FAISS index_factory string (default: the config's index.factory)")
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--workers", type=int, default=0, help="DataLoader workers for decoding media")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_build_index)
+
+    s = sub.add_parser("query", help="top-k for a known user or a given history")
+    s.add_argument("--run", required=True)
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--user", help="a user id from the training data")
+    g.add_argument("--history", help="comma-separated item ids, oldest first (a new user)")
+    s.add_argument("-k", type=int, default=10)
+    s.add_argument("--rerank", choices=["on", "off"], help="default: the config's rerank.enabled")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_query)
+
+    s = sub.add_parser("evaluate", help="Recall/NDCG/MRR@5/10/20 under the leave-one-out protocol")
+    s.add_argument("--run", required=True)
+    s.add_argument("--users", type=int, default=0, help="seeded sample of this many users (0 = all)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--rerank", choices=["on", "off"], default="on", help="also score LLM-reranked lists")
+    s.add_argument("--json", action="store_true", help="one-line JSON")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        logging.getLogger("root").setLevel(logging.ERROR)
+    from configs import ConfigError
+    from index.recommender import QueryError
+    from index.store import IndexError_
+    from towers.factory import CheckpointError
+    from towers.hub import ModelLoadError
+    from train.data import CatalogError
+    from train.media import MediaError
+
+    user_errors = (CatalogError, ConfigError, QueryError, IndexError_, CheckpointError, ModelLoadError, MediaError,
+                   FileNotFoundError, ValueError)
+    try:
+        args.func(args)
+    except user_errors as err:
+        print(f"towerrec {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""FAISS indexes over stable item ids, with a manifest, one folder per version and an atomic live pointer.
+
+Layout inside a run directory::
+
+    index/
+      LIVE                      # name of the live version (replaced atomically)
+      v20261128-101500-3f2a/    # one folder per build
+        index.faiss
+        items.parquet           # FAISS id -> item_id, title
+        manifest.json
+
+A version folder is written under a temporary name and renamed into place only when complete, and ``LIVE``
+moves to it only after that, so a reader never sees a half-written index.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import polars as pl
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 1
+
+
+class IndexError_(RuntimeError):
+    """An index that is missing, corrupt or built for other towers."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    fingerprint: str  # item-tower fingerprint (hash of its weights and config)
+    dim: int
+    metric: str  # "ip": inner product over L2-normalised vectors (cosine)
+    count: int
+    factory: str
+    created: str  # ISO-8601 UTC
+    catalog_sha256: str = ""
+    format: int = MANIFEST_VERSION
+
+    @classmethod
+    def read(cls, path: Path) -> Manifest:
+        try:
+            data = json.loads(path.read_text())
+            return cls(**data)
+        except (OSError, json.JSONDecodeError, TypeError) as err:
+            raise IndexError_(f"{path}: unreadable index manifest ({err})") from None
+
+
+def build_faiss(vectors: np.ndarray, ids: np.ndarray, factory: str = "Flat", nprobe: int = 16,
+                ef_search: int = 64) -> faiss.Index:
+    """An inner-product ``IndexIDMap2`` over ``vectors (N, D)`` float32 with int64 ``ids (N,)``.
+
+    Trainable factories (IVF, PQ) are trained on the vectors themselves.
+    """
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    assert vectors.ndim == 2 and ids.shape == (vectors.shape[0],), (vectors.shape, ids.shape)
+    if not np.isfinite(vectors).all():
+        raise ValueError("item embeddings contain NaN or inf")
+    base = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if not base.is_trained:
+        base.train(vectors)
+    index = faiss.IndexIDMap2(base)
+    index.add_with_ids(vectors, ids)
+    set_search_params(index, nprobe, ef_search)
+    return index
+
+
+def set_search_params(index: faiss.Index, nprobe: int, ef_search: int) -> None:
+    """Apply query-time knobs (IVF ``nprobe``, HNSW ``efSearch``) where the index has them."""
+    base = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    if hasattr(base, "nprobe"):
+        base.nprobe = nprobe
+    hnsw = getattr(base, "hnsw", None)
+    if hnsw is not None:
+        hnsw.efSearch = ef_search
+
+
+def write_version(index_root: Path, index: faiss.Index, items: pl.DataFrame, manifest: Manifest,
+                  make_live: bool = True) -> Path:
+    """Write a complete version folder atomically, then (optionally) point ``LIVE`` at it."""
+    index_root.mkdir(parents=True, exist_ok=True)
+    if items.height != manifest.count or index.ntotal != manifest.count:
+        raise ValueError(f"index has {index.ntotal} vectors, items table {items.height}, manifest {manifest.count}")
+    name = time.strftime("v%Y%m%d-%H%M%S", time.gmtime()) + f"-{uuid.uuid4().hex[:6]}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=index_root))
+    try:
+        faiss.write_index(index, str(tmp / "index.faiss"))
+        items.write_parquet(tmp / "items.parquet")
+        (tmp / "manifest.json").write_text(json.dumps(asdict(manifest), indent=2))
+        os.replace(tmp, index_root / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if make_live:
+        set_live(index_root, name)
+    logger.info("index version %s: %d items, dim %d, %s", name, manifest.count, manifest.dim, manifest.factory)
+    return index_root / name
+
+
+def set_live(index_root: Path, name: str) -> None:
+    """Atomically point ``LIVE`` at version ``name`` (which must exist and be complete)."""
+    if not (index_root / name / "manifest.json").is_file():
+        raise IndexError_(f"{index_root / name}: not a complete index version")
+    tmp = index_root / f".LIVE.{uuid.uuid4().hex}"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, index_root / "LIVE")
+
+
+def live_version(index_root: Path) -> Path:
+    """The folder ``LIVE`` points at."""
+    pointer = index_root / "LIVE"
+    if not pointer.is_file():
+        raise IndexError_(f"{index_root}: no index built yet (run `towerrec build-index`)")
+    folder = index_root / pointer.read_text().strip()
+    if not (folder / "manifest.json").is_file():
+        raise IndexError_(f"{pointer} points at {folder.name}, which is missing or incomplete")
+    return folder
+
+
+def read_version(folder: Path, expect_fingerprint: str | None = None, expect_dim: int | None = None):
+    """Load ``(index, items, manifest)`` from a version folder, refusing a mismatch with the towers."""
+    manifest = Manifest.read(folder / "manifest.json")
+    if expect_fingerprint is not None and manifest.fingerprint != expect_fingerprint:
+        raise IndexError_(
+            f"{folder}: index was built with item-tower fingerprint {manifest.fingerprint[:12]}, the loaded towers "
+            f"have {expect_fingerprint[:12]}; rebuild it with `towerrec build-index`"
+        )
+    if expect_dim is not None and manifest.dim != expect_dim:
+        raise IndexError_(f"{folder}: index dimension {manifest.dim} does not match the towers' dimension {expect_dim}")
+    try:
+        index = faiss.read_index(str(folder / "index.faiss"))
+        items = pl.read_parquet(folder / "items.parquet")
+    except (RuntimeError, OSError, pl.exceptions.PolarsError) as err:
+        raise IndexError_(f"{folder}: cannot read index files ({str(err).splitlines()[0]})") from None
+    if index.ntotal != manifest.count or items.height != manifest.count or index.d != manifest.dim:
+        raise IndexError_(f"{folder}: index holds {index.ntotal} vectors of dim {index.d}, items table "
+                          f"{items.height}, manifest says {manifest.count} of dim {manifest.dim}")
+    return index, items, manifest

@@ -1,0 +1,58 @@
+"""Image encoder: the visual tower of an open_clip model (random init, a pretrained tag, or a local file)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from configs import ImageEncoderConfig
+
+_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+_registered = False
+
+
+def _register_configs() -> None:
+    """Make towerrec's small architectures (``towerrec-vit-*``) known to open_clip by name."""
+    global _registered
+    if not _registered:
+        import open_clip
+
+        open_clip.add_model_config(_CONFIG_DIR)
+        _registered = True
+
+
+def create_clip(arch: str, pretrained: str = "", image_size: int | None = None):
+    """Build an open_clip model by name; ``pretrained`` is a tag (hub) or a local checkpoint file."""
+    import open_clip
+
+    _register_configs()
+    if arch not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip architecture {arch!r}")
+    kwargs = {}
+    if image_size:
+        kwargs["force_image_size"] = image_size
+    return open_clip.create_model(arch, pretrained=pretrained or None, **kwargs)
+
+
+class ImageEncoder(nn.Module):
+    """Maps normalised pixels ``(B, 3, S, S)`` to features ``(B, E)`` with open_clip's visual tower."""
+
+    def __init__(self, cfg: ImageEncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        clip = create_clip(cfg.arch, cfg.pretrained, cfg.image_size)
+        self.visual = clip.visual  # the text half of CLIP is not needed
+        self.feature_dim = int(clip.visual.output_dim)
+        mean = getattr(clip.visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
+        std = getattr(clip.visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
+        self.image_mean, self.image_std = tuple(mean), tuple(std)
+        if not cfg.trainable:
+            self.visual.requires_grad_(False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        s = self.cfg.image_size
+        if pixels.dim() != 4 or pixels.shape[1:] != (3, s, s):
+            raise ValueError(f"image encoder expects pixels of shape (B, 3, {s}, {s}), got {tuple(pixels.shape)}")
+        return self.visual(pixels)  # (B, E)

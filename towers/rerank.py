@@ -1,0 +1,86 @@
+"""LLM reranker: pointwise yes/no log-odds of each candidate, given the profile prompt.
+
+The profile prefix is run once per user and its KV cache is shared by all candidates, so a candidate costs
+only its own question tokens. The final score mixes the retrieval score and the LLM log-odds after
+z-scoring each within the user's candidate list: ``z(retrieval) + weight * z(llm)``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from configs import RerankConfig
+from towers.hub import resolve_model
+from towers.user import pad_batch
+
+logger = logging.getLogger(__name__)
+
+QUESTION = "\nCandidate: {title}\nWould this user enjoy the candidate next? Answer:"
+
+
+class LLMReranker(nn.Module):
+    """Scores candidates with ``log p(" Yes") - log p(" No")`` after the profile and a candidate question."""
+
+    def __init__(self, cfg: RerankConfig, model_ref: str, tokenizer):
+        super().__init__()
+        from transformers import AutoModelForCausalLM
+
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.lm = AutoModelForCausalLM.from_pretrained(resolve_model(model_ref))
+        self.lm.requires_grad_(False)
+        self.lm.eval()
+        self.yes_id = self._single_token(" Yes")
+        self.no_id = self._single_token(" No")
+
+    def _single_token(self, word: str) -> int:
+        ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]
+        return int(ids[-1])  # the answer's first distinguishing token
+
+    def question_ids(self, title: str) -> list[int]:
+        return list(self.tokenizer(QUESTION.format(title=title), add_special_tokens=False)["input_ids"])
+
+    @torch.inference_mode()
+    def log_odds(self, profile_ids: list[int], candidate_titles: list[str]) -> torch.Tensor:
+        """``(C,)`` yes/no log-odds for each candidate title after one profile prompt."""
+        from transformers import DynamicCache
+
+        device = next(self.lm.parameters()).device
+        prefix = torch.as_tensor([profile_ids], device=device)
+        out = self.lm(input_ids=prefix, use_cache=True, past_key_values=DynamicCache())
+        prefix_cache = out.past_key_values
+        scores = []
+        for start in range(0, len(candidate_titles), self.cfg.batch_size):
+            titles = candidate_titles[start:start + self.cfg.batch_size]
+            ids, mask = pad_batch([self.question_ids(t) for t in titles], self.tokenizer.pad_token_id)
+            ids, mask = ids.to(device), mask.to(device)
+            cache = _repeat_cache(prefix_cache, len(titles))
+            full_mask = torch.cat([torch.ones(len(titles), prefix.shape[1], dtype=mask.dtype, device=device), mask], 1)
+            positions = prefix.shape[1] + torch.arange(ids.shape[1], device=device).expand(len(titles), -1)
+            logits = self.lm(input_ids=ids, attention_mask=full_mask, past_key_values=cache,
+                             position_ids=positions, use_cache=True).logits  # (C, S, V)
+            last = mask.sum(1) - 1
+            final = logits[torch.arange(len(titles), device=device), last].float().log_softmax(-1)  # (C, V)
+            scores.append(final[:, self.yes_id] - final[:, self.no_id])
+        return torch.cat(scores).cpu()
+
+    def combine(self, retrieval: torch.Tensor, llm: torch.Tensor) -> torch.Tensor:
+        """Final candidate scores: z-scored retrieval plus ``weight`` times z-scored LLM log-odds."""
+        return _zscore(retrieval) + self.cfg.weight * _zscore(llm)
+
+
+def _zscore(x: torch.Tensor) -> torch.Tensor:
+    x = x.float()
+    return (x - x.mean()) / (x.std() + 1e-6) if x.numel() > 1 else x * 0
+
+
+def _repeat_cache(cache, n: int):
+    """A copy of a batch-1 KV cache repeated ``n`` times along the batch (the original stays untouched)."""
+    import copy
+
+    out = copy.deepcopy(cache)
+    out.batch_repeat_interleave(n)
+    return out

@@ -1,0 +1,141 @@
+"""Item inputs: a Dataset that decodes one catalog item per index, and the collate that batches them.
+
+Decoding (tokenising text, PIL for images, soundfile for audio) happens here, in DataLoader workers, so towers
+only ever see tensors. Frozen backbones' features can be computed once for the whole catalog with
+:func:`frozen_features` and passed to the tower instead of raw inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from configs import Config
+from train.data import Catalog, item_text
+from train.media import load_audio, load_image, pad_waveforms
+
+logger = logging.getLogger(__name__)
+
+
+class ItemDataset(Dataset):
+    """Decoded inputs of catalog items. ``id_rows[i]`` is item ``i``'s row in the id table (-1 = none)."""
+
+    def __init__(self, catalog: Catalog, config: Config, text_tokenizer=None, image_norm=None,
+                 id_rows: np.ndarray | None = None):
+        self.catalog = catalog
+        self.cfg = config.item
+        self.texts = item_text(catalog.items, config.data.item_text_chars)
+        self.tokenizer = text_tokenizer
+        self.image_norm = image_norm  # (mean, std) of the image encoder
+        self.image_paths = catalog.items["image_path"].to_list()
+        self.audio_paths = catalog.items["audio_path"].to_list()
+        self.id_rows = id_rows if id_rows is not None else np.full(len(self.texts), -1, dtype=np.int64)
+        self.cache: dict[int, dict] | None = None
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, i: int) -> dict:
+        if self.cache is not None and i in self.cache:
+            return self.cache[i]
+        out: dict = {"row": i, "id_index": int(self.id_rows[i])}
+        if self.cfg.text.enabled:
+            enc = self.tokenizer(self.texts[i], truncation=True, max_length=self.cfg.text.max_length)
+            out["text_input_ids"] = enc["input_ids"]
+        if self.cfg.image.enabled:
+            path = self.catalog.media_path(self.image_paths[i])
+            out["pixels"] = None if path is None else load_image(path, self.cfg.image.image_size, *self.image_norm)
+        if self.cfg.audio.enabled:
+            path = self.catalog.media_path(self.audio_paths[i])
+            out["waveform"] = None if path is None else load_audio(
+                path, self.cfg.audio.sample_rate, self.cfg.audio.max_seconds)
+        if self.cache is not None:
+            self.cache[i] = out
+        return out
+
+    def enable_cache(self) -> None:
+        """Keep decoded items in memory (training revisits every item each epoch)."""
+        self.cache = {}
+
+
+def collate_items(items: Sequence[dict], pad_id: int = 0, image_size: int = 0) -> dict[str, torch.Tensor]:
+    """Batch decoded items; a missing modality becomes zeros with its mask False."""
+    batch: dict[str, torch.Tensor] = {
+        "row": torch.tensor([it["row"] for it in items], dtype=torch.long),
+        "id_index": torch.tensor([it["id_index"] for it in items], dtype=torch.long),
+    }
+    if "text_input_ids" in items[0]:
+        seqs = [it["text_input_ids"] for it in items]
+        t = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), t), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.as_tensor(s)
+            mask[i, : len(s)] = 1
+        batch["text_input_ids"], batch["text_attention_mask"] = ids, mask
+    # A modality absent from every item of the batch is left out entirely (the tower treats it as missing).
+    if "pixels" in items[0] and any(it["pixels"] is not None for it in items):
+        present = [it["pixels"] is not None for it in items]
+        blank = torch.zeros(3, image_size, image_size)
+        batch["pixels"] = torch.stack([it["pixels"] if ok else blank for it, ok in zip(items, present)])
+        batch["image_mask"] = torch.tensor(present)
+    if "waveform" in items[0] and any(it["waveform"] is not None for it in items):
+        present = [it["waveform"] is not None for it in items]
+        waves = [it["waveform"] if ok else torch.zeros(1) for it, ok in zip(items, present)]
+        batch["waveforms"], batch["waveform_lengths"] = pad_waveforms(waves)
+        batch["audio_mask"] = torch.tensor(present)
+    return batch
+
+
+def make_item_dataset(catalog: Catalog, model, id_rows: np.ndarray | None = None) -> ItemDataset:
+    """An :class:`ItemDataset` wired to the model's text tokenizer and image normalisation."""
+    from towers.hub import load_tokenizer
+
+    cfg = model.config
+    tokenizer = load_tokenizer(cfg.item.text.model) if cfg.item.text.enabled else None
+    norm = (model.item.image.image_mean, model.item.image.image_std) if model.item.image is not None else None
+    return ItemDataset(catalog, cfg, tokenizer, norm, id_rows)
+
+
+def item_loader(dataset: ItemDataset, rows: Sequence[int] | None = None, batch_size: int = 64,
+                num_workers: int = 0) -> DataLoader:
+    """DataLoader over ``rows`` (default: all items) in order."""
+    from torch.utils.data import Subset
+
+    pad = dataset.tokenizer.pad_token_id if dataset.tokenizer is not None else 0
+    size = dataset.cfg.image.image_size
+    subset = dataset if rows is None else Subset(dataset, list(rows))
+    return DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      collate_fn=lambda items: collate_items(items, pad, size))
+
+
+def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.inference_mode()
+def frozen_features(model, dataset: ItemDataset, device, batch_size: int = 64,
+                    num_workers: int = 0) -> dict[str, torch.Tensor]:
+    """Features of frozen encoders for every item, keyed ``"<modality>_features"`` (rows in catalog order)."""
+    item = model.item
+    frozen = []
+    if item.text is not None and not model.config.item.text.trainable:
+        frozen.append("text")
+    if item.image is not None and not model.config.item.image.trainable:
+        frozen.append("image")
+    if not frozen:
+        return {}
+    out: dict[str, list[torch.Tensor]] = {m: [] for m in frozen}
+    loader = item_loader(dataset, batch_size=batch_size, num_workers=num_workers)
+    for batch in tqdm(loader, desc=f"caching frozen {'+'.join(frozen)} features", leave=False):
+        batch = to_device(batch, device)
+        if "text" in frozen:
+            out["text"].append(item.text(batch["text_input_ids"], batch["text_attention_mask"]).float().cpu())
+        if "image" in frozen:
+            out["image"].append(item.image(batch["pixels"]).float().cpu())
+    return {f"{m}_features": torch.cat(v) for m, v in out.items()}

@@ -1,0 +1,299 @@
+"""The training loop: contrastive fine-tuning of both towers, validation each epoch, best checkpoint kept.
+
+One LLM pass per user covers every position: the profile prompt lists the user's items oldest first
+(``seq[:-1]``: training items plus the validation item) and the causal LLM's state at the end of item ``p``
+sees only items ``<= p``. The state after item ``p`` is trained to retrieve item ``p + 1`` (training targets
+only), the state after the last training item is scored against the validation item, and the state after
+the validation item against the test item. When the LLM is frozen those states are computed once and
+cached; otherwise they are recomputed with gradients each step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from tqdm.auto import tqdm
+
+from configs import Config
+from towers.factory import TwoTower, build_towers, save_towers
+from towers.hub import load_tokenizer
+from towers.user import pad_batch
+from train.data import Catalog, load_catalog
+from train.items import collate_items, frozen_features, make_item_dataset, to_device
+from train.losses import info_nce
+from train.metrics import ranking_metrics, target_ranks
+from train.profiles import ProfileBuilder
+from train.split import Split, leave_one_out
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without it is an error, never a silent CPU run."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def profile_builder(config: Config, catalog_items: pl.DataFrame, tokenizer=None) -> ProfileBuilder:
+    """The profile builder over catalog rows, as configured (shared by training and serving)."""
+    tokenizer = tokenizer or load_tokenizer(config.user.model)
+    return ProfileBuilder(
+        tokenizer, catalog_items["title"].to_list(), catalog_items["text"].to_list(),
+        token_budget=config.data.profile_token_budget, max_items=config.data.profile_max_items,
+        text_chars=config.data.profile_text_chars,
+    )
+
+
+@dataclass
+class UserPositions:
+    """Per user: profile token ids, the prompt positions to read, and what each position predicts."""
+
+    input_ids: list[int]
+    train_pos: list[int]  # positions whose next item is a training item
+    train_targets: list[int]  # split item index of that next item
+    valid_pos: int  # position after the last training item (predicts the validation item)
+    test_pos: int  # position after the validation item (predicts the test item)
+
+
+def user_positions(split: Split, split_rows: np.ndarray, builder: ProfileBuilder, max_positions: int) -> list[UserPositions]:
+    """Profiles over ``seq[:-1]`` for every split user, with the positions described in the module doc."""
+    out = []
+    for u in range(split.num_users):
+        seq = split.sequences[u]
+        prof = builder.build(split_rows[seq[:-1]])
+        if len(prof.ends) < 2:
+            raise ValueError(
+                f"user {split.user_ids[u]!r}: the profile budget keeps only {len(prof.ends)} item(s); "
+                "raise data.profile_token_budget"
+            )
+        first = len(seq) - 1 - len(prof.ends)  # sequence position of the first kept item
+        pos = prof.ends[:-2][-max_positions:] if max_positions else prof.ends[:-2]
+        targets = [int(seq[first + i + 1]) for i in range(len(prof.ends) - 2)][-len(pos):] if pos else []
+        out.append(UserPositions(prof.input_ids, list(pos), targets, prof.ends[-2], prof.ends[-1]))
+    return out
+
+
+class UserStates:
+    """LLM states at profile positions: cached once for a frozen LLM, recomputed with grad otherwise."""
+
+    def __init__(self, model: TwoTower, users: list[UserPositions], device, pad_id: int, batch_size: int):
+        self.model, self.users, self.device, self.pad_id = model, users, device, pad_id
+        self.cache: list[torch.Tensor] | None = None
+        if not model.config.user.trainable:
+            self.cache = []
+            model.user.llm.eval()
+            with torch.inference_mode():
+                for start in tqdm(range(0, len(users), batch_size), desc="user LLM states", leave=False):
+                    self.cache.extend(self._compute(list(range(start, min(start + batch_size, len(users))))))
+
+    def _compute(self, idx: list[int]) -> list[torch.Tensor]:
+        ids, mask = pad_batch([self.users[i].input_ids for i in idx], self.pad_id)
+        h = self.model.user.llm(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+        return [h[j, : len(self.users[i].input_ids)].float() if self.cache is None else
+                h[j, self._keep(i)].float().cpu() for j, i in enumerate(idx)]
+
+    def _keep(self, i: int) -> list[int]:
+        u = self.users[i]
+        return u.train_pos + [u.valid_pos, u.test_pos]
+
+    def get(self, idx: list[int], which: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """States ``(N, H)`` and split targets ``(N,)`` (``which``: train / valid / test) for users ``idx``."""
+        if self.cache is not None:
+            rows = [self.cache[i] for i in idx]
+            to_index = {i: {p: k for k, p in enumerate(self._keep(i))} for i in idx}
+        else:
+            rows = self._compute(idx)
+            to_index = {i: {p: p for p in self._keep(i)} for i in idx}
+        states, targets = [], []
+        for i, r in zip(idx, rows):
+            u = self.users[i]
+            pos = {"train": u.train_pos, "valid": [u.valid_pos], "test": [u.test_pos]}[which]
+            states.append(r[[to_index[i][p] for p in pos]])
+            if which == "train":
+                targets.extend(u.train_targets)
+        return torch.cat(states).to(self.device), torch.tensor(targets, dtype=torch.long)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_epoch: int
+    valid: dict[str, float]
+    test: dict[str, float]
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _encode_split_items(model: TwoTower, dataset, split_rows, frozen: dict, device, batch_size=256,
+                        dropout: float = 0.0, rows: np.ndarray | None = None) -> torch.Tensor:
+    rows = split_rows if rows is None else rows
+    out = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        batch = to_device(collate_items([dataset[int(r)] for r in chunk], dataset.tokenizer.pad_token_id
+                                        if dataset.tokenizer is not None else 0, dataset.cfg.image.image_size), device)
+        for key, feats in frozen.items():
+            batch[key] = feats[torch.as_tensor(chunk, dtype=torch.long)].to(device)
+            batch.pop("text_input_ids" if key == "text_features" else "pixels", None)
+        out.append(model.item.encode_items(batch, modality_dropout=dropout))
+    return torch.cat(out)
+
+
+def evaluate_positions(model, states: UserStates, split: Split, item_emb: torch.Tensor, which: str,
+                       users: list[int] | None = None) -> dict[str, float]:
+    """Full-ranking metrics over all split items for ``which`` in (valid, test), history excluded."""
+    users = list(range(split.num_users)) if users is None else users
+    ranks = []
+    with torch.no_grad():
+        for start in range(0, len(users), 256):
+            idx = users[start:start + 256]
+            s, _ = states.get(idx, which)
+            u = model.user.head(s)
+            scores = (u @ item_emb.T).cpu()
+            if which == "valid":
+                targets = torch.tensor([split.valid_target(i) for i in idx])
+                exclude = [split.train_seq(i) for i in idx]
+            else:
+                targets = torch.tensor([split.test_target(i) for i in idx])
+                exclude = [split.sequences[i][:-1] for i in idx]
+            ranks.append(target_ranks(scores, targets, exclude))
+    out = ranking_metrics(torch.cat(ranks))
+    out["users"] = len(users)
+    return out
+
+
+def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress: bool = True) -> TrainResult:
+    """Train both towers on a catalog and write a servable run directory.
+
+    Args:
+        config: the full setup (see ``configs/``).
+        catalog_dir: a folder written by ``towerrec prepare``.
+        run_dir: output folder; gets ``config.json``, ``towers.safetensors``, the catalog snapshot, the
+            serving histories and ``metrics.json``.
+        progress: show progress bars.
+    """
+    t0 = time.time()
+    seed_everything(config.train.seed)
+    device = resolve_device(config.train.device)
+    run_dir = Path(run_dir)
+    catalog: Catalog = load_catalog(catalog_dir)
+    split = leave_one_out(catalog.interactions, config.data.min_count)
+
+    row_of = {item_id: r for r, item_id in enumerate(catalog.items["item_id"].to_list())}
+    split_rows = np.array([row_of[i] for i in split.item_ids], dtype=np.int64)  # split index -> catalog row
+    id_rows = np.full(catalog.items.height, -1, dtype=np.int64)
+    id_rows[split_rows] = np.arange(split.num_items)
+
+    model = build_towers(config, num_ids=split.num_items).to(device)
+    dataset = make_item_dataset(catalog, model, id_rows)
+    dataset.enable_cache()
+    frozen = frozen_features(model, dataset, device, config.item.text.batch_size)
+
+    tokenizer = load_tokenizer(config.user.model)
+    builder = profile_builder(config, catalog.items, tokenizer)
+    positions = user_positions(split, split_rows, builder, config.train.max_positions)
+    states = UserStates(model, positions, device, tokenizer.pad_token_id, config.user.batch_size)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay)
+    users_per_step = max(1, config.train.batch_size // max(1, config.train.max_positions))
+    trainable_users = [u for u in range(split.num_users) if positions[u].train_pos]
+    rng = random.Random(config.train.seed)
+    eval_users = list(range(split.num_users))
+    if config.train.eval_users and config.train.eval_users < len(eval_users):
+        eval_users = sorted(rng.sample(eval_users, config.train.eval_users))
+
+    history, best, best_epoch, bad = [], -1.0, -1, 0
+    for epoch in range(config.train.epochs):
+        model.train()
+        if not config.user.trainable:
+            model.user.llm.eval()
+        order = trainable_users[:]
+        rng.shuffle(order)
+        losses = []
+        steps = range(0, len(order), users_per_step)
+        for start in tqdm(steps, desc=f"epoch {epoch}", leave=False, disable=not progress):
+            idx = order[start:start + users_per_step]
+            s, targets = states.get(idx, "train")
+            u = model.user.head(s)  # (N, D)
+            uniq, inverse = torch.unique(targets, return_inverse=True)  # in-batch candidate items
+            v = _encode_split_items(model, dataset, split_rows, frozen, device, rows=split_rows[uniq.numpy()],
+                                    dropout=config.item.modality_dropout)  # (M, D)
+            loss = info_nce(u, v, inverse.to(device), model.logit_scale)
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            losses.append(float(loss))
+        model.eval()
+        with torch.no_grad():
+            item_emb = _encode_split_items(model, dataset, split_rows, frozen, device)
+            valid = evaluate_positions(model, states, split, item_emb, "valid", eval_users)
+        record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
+                  "temperature": float(1 / model.logit_scale.exp().clamp(max=100)), **valid}
+        history.append(record)
+        logger.info("epoch %d loss %.4f valid recall@10 %.4f ndcg@10 %.4f", epoch, record["loss"],
+                    valid["recall@10"], valid["ndcg@10"])
+        if valid["ndcg@10"] > best:
+            best, best_epoch, bad = valid["ndcg@10"], epoch, 0
+            save_towers(model, run_dir)
+        else:
+            bad += 1
+            if bad >= config.train.patience:
+                break
+
+    from towers.factory import load_towers
+
+    best_model = load_towers(run_dir, device)
+    with torch.no_grad():
+        item_emb = _encode_split_items(best_model, dataset, split_rows, frozen, device)
+        states.model = best_model
+        valid = evaluate_positions(best_model, states, split, item_emb, "valid")
+        test = evaluate_positions(best_model, states, split, item_emb, "test")
+    write_run_data(run_dir, catalog, split)
+    result = TrainResult(run_dir, best_epoch, valid, test, history, time.time() - t0)
+    (run_dir / "metrics.json").write_text(json.dumps(
+        {"best_epoch": best_epoch, "valid": valid, "test": test, "history": history,
+         "seconds": result.seconds}, indent=2))
+    return result
+
+
+def write_run_data(run_dir: Path, catalog: Catalog, split: Split) -> None:
+    """The catalog snapshot and serving histories a run needs besides its weights.
+
+    ``items.parquet`` is the catalog's item table; ``catalog.json`` records the catalog folder (for media)
+    and its hash; ``histories.parquet`` holds each split user's sequence without the held-out test item, in
+    order; ``split_items.parquet`` lists the items that were ranked during training (the id table's rows).
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in ("items.parquet", "interactions.parquet"):
+        h.update((catalog.root / name).read_bytes())
+    catalog.items.write_parquet(run_dir / "items.parquet")
+    (run_dir / "catalog.json").write_text(json.dumps(
+        {"path": str(Path(catalog.root).resolve()), "sha256": h.hexdigest()}, indent=2))
+    users, items, order = [], [], []
+    for u, seq in enumerate(split.sequences):
+        for k, j in enumerate(seq[:-1]):
+            users.append(split.user_ids[u])
+            items.append(split.item_ids[int(j)])
+            order.append(k)
+    pl.DataFrame({"user_id": users, "item_id": items, "position": order}).write_parquet(run_dir / "histories.parquet")
+    pl.DataFrame({"item_id": split.item_ids}).write_parquet(run_dir / "split_items.parquet")
