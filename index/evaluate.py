@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 
 from index.recommender import Recommender
 from train.data import load_catalog
+from train.loop import split_catalog
 from train.metrics import ranking_metrics
-from train.split import leave_one_out
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def evaluate(run_dir: str | Path, users: int = 0, seed: int = 0, rerank: bool = 
     rec = recommender or Recommender.load(run_dir)
     info = json.loads((run_dir / "catalog.json").read_text())
     catalog = load_catalog(info["path"])
-    split = leave_one_out(catalog.interactions, rec.config.data.min_count)
+    split = split_catalog(rec.config, catalog)
     chosen = list(range(split.num_users))
     if users and users < len(chosen):
         chosen = sorted(random.Random(seed).sample(chosen, users))

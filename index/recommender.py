@@ -111,7 +111,8 @@ class Recommender:
         bs = self.config.user.batch_size
         for start in range(0, len(prompts), bs):
             ids, mask = pad_batch(prompts[start:start + bs], self.tokenizer.pad_token_id)
-            out.append(self.model.user.encode_users(ids.to(self.device), mask.to(self.device)).float().cpu().numpy())
+            emb = self.model.user.encode_users(ids.to(self.device), mask.to(self.device), len(self.builder.header_ids))
+            out.append(emb.float().cpu().numpy())
         return np.concatenate(out)
 
     def recommend(self, user_id=None, history: Sequence | None = None, k: int = 10, rerank: bool | None = None,

@@ -26,10 +26,11 @@ class AudioEncoder(nn.Module):
                 sample_rate=cfg.sample_rate, n_fft=cfg.sample_rate // 40, hop_length=self.hop, n_mels=cfg.n_mels
             )
             w = cfg.width
-            self.net = nn.Sequential(  # (B, 1, M, T) -> (B, w, M/8, T/8)
-                nn.Conv2d(1, w // 4, 3, stride=2, padding=1), nn.BatchNorm2d(w // 4), nn.GELU(),
-                nn.Conv2d(w // 4, w // 2, 3, stride=2, padding=1), nn.BatchNorm2d(w // 2), nn.GELU(),
-                nn.Conv2d(w // 2, w, 3, stride=2, padding=1), nn.BatchNorm2d(w), nn.GELU(),
+            chans = [1, w // 4, w // 2, w]
+            self.blocks = nn.ModuleList(  # each halves mel bins and frames: (B, c, M, T) -> (B, c', M/2, T/2)
+                nn.Sequential(nn.Conv2d(chans[k], chans[k + 1], 3, stride=2, padding=1), nn.BatchNorm2d(chans[k + 1]),
+                              nn.GELU())
+                for k in range(3)
             )
         elif cfg.arch == "wav2vec2":
             self.model = torchaudio.models.wav2vec2_model(
@@ -46,22 +47,27 @@ class AudioEncoder(nn.Module):
             raise ValueError(f"unknown audio arch {cfg.arch!r}; choose 'conv' or 'wav2vec2'")
 
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        if waveforms.dim() != 2:
-            raise ValueError(f"audio encoder expects waveforms of shape (B, N), got {tuple(waveforms.shape)}")
+        if waveforms.dim() != 2 or lengths.shape != (waveforms.shape[0],):
+            raise ValueError(f"audio encoder expects waveforms (B, N) and lengths (B,), got {tuple(waveforms.shape)}, "
+                             f"{tuple(lengths.shape)}")
         min_len = self.cfg.sample_rate // 20  # 50 ms: shorter clips are zero-padded
-        if waveforms.shape[1] < min_len:
-            waveforms = torch.nn.functional.pad(waveforms, (0, min_len - waveforms.shape[1]))
+        clips = [waveforms[i, : max(int(n), 1)] for i, n in enumerate(lengths)]
+        clips = [torch.nn.functional.pad(c, (0, min_len - c.numel())) if c.numel() < min_len else c for c in clips]
         if self.cfg.arch == "wav2vec2":
-            feats, out_lengths = self.model.extract_features(waveforms, lengths)
-            h = feats[-1]  # (B, T', w)
-            t = h.shape[1]
-            mask = torch.arange(t, device=h.device)[None, :] < out_lengths.clamp(min=1)[:, None]  # (B, T')
-        else:
-            mel = torch.log(self.mel(waveforms) + 1e-6)  # (B, M, T)
-            mel = (mel - mel.mean(dim=(1, 2), keepdim=True)) / (mel.std(dim=(1, 2), keepdim=True) + 1e-5)
-            h = self.net(mel.unsqueeze(1)).mean(dim=2).transpose(1, 2)  # (B, T', w), averaged over mel bins
-            frames = lengths // self.hop + 1
-            t = h.shape[1]
-            mask = torch.arange(t, device=h.device)[None, :] < (frames // 8 + 1).clamp(max=t)[:, None]
-        mask = mask.unsqueeze(-1).to(h.dtype)
-        return (h * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, w)
+            # One clip at a time: the group-norm feature extractor would otherwise normalise over the padding.
+            return torch.cat([self.model.extract_features(c[None])[0][-1].mean(1) for c in clips])  # (B, w)
+        # Log-mels per clip (STFT edges and normalisation see only the real signal), then padded to a batch.
+        mels = []
+        for c in clips:
+            m = torch.log(self.mel(c) + 1e-6)  # (M, T)
+            mels.append((m - m.mean()) / (m.std() + 1e-5))
+        frames = torch.tensor([m.shape[1] for m in mels], device=waveforms.device)
+        x = torch.zeros(len(mels), 1, self.cfg.n_mels, int(frames.max()), device=waveforms.device)
+        for i, m in enumerate(mels):
+            x[i, 0, :, : m.shape[1]] = m
+        for block in self.blocks:
+            x = block(x)
+            frames = (frames + 1) // 2  # stride 2, padding 1, kernel 3
+            x = x * (torch.arange(x.shape[-1], device=x.device)[None, :] < frames[:, None])[:, None, None, :]
+        h = x.mean(dim=2)  # (B, w, T'), averaged over mel bins
+        return h.sum(-1) / frames[:, None].to(h.dtype)  # (B, w): mean over real frames only

@@ -50,8 +50,8 @@ class LLMReranker(nn.Module):
 
         device = next(self.lm.parameters()).device
         prefix = torch.as_tensor([profile_ids], device=device)
-        out = self.lm(input_ids=prefix, use_cache=True, past_key_values=DynamicCache())
-        prefix_cache = out.past_key_values
+        out = self.lm(input_ids=prefix, use_cache=True, cache=DynamicCache())
+        prefix_cache = out.cache
         scores = []
         for start in range(0, len(candidate_titles), self.cfg.batch_size):
             titles = candidate_titles[start:start + self.cfg.batch_size]
@@ -60,7 +60,7 @@ class LLMReranker(nn.Module):
             cache = _repeat_cache(prefix_cache, len(titles))
             full_mask = torch.cat([torch.ones(len(titles), prefix.shape[1], dtype=mask.dtype, device=device), mask], 1)
             positions = prefix.shape[1] + torch.arange(ids.shape[1], device=device).expand(len(titles), -1)
-            logits = self.lm(input_ids=ids, attention_mask=full_mask, past_key_values=cache,
+            logits = self.lm(input_ids=ids, attention_mask=full_mask, cache=cache,
                              position_ids=positions, use_cache=True).logits  # (C, S, V)
             last = mask.sum(1) - 1
             final = logits[torch.arange(len(titles), device=device), last].float().log_softmax(-1)  # (C, V)

@@ -1,4 +1,9 @@
-"""User tower: a decoder LLM reads the profile prompt; its last-token state is projected to ``D``."""
+"""User tower: a decoder LLM reads the profile prompt; a pooled state is projected to ``D``.
+
+Pooling is ``last`` (the state at the prompt's last token) or ``mean`` (the mean of the states over the
+profile's item tokens, header excluded). Both are causal: the pooled state at position ``p`` depends only on
+tokens ``<= p``, which lets training read one example per history position from a single forward pass.
+"""
 
 from __future__ import annotations
 
@@ -37,6 +42,18 @@ class UserHead(nn.Module):
         return F.normalize(self.net(states), dim=-1)
 
 
+def _truncate(llm: nn.Module, layers: int) -> None:
+    """Keep the first ``layers`` decoder layers and drop the final norm (the head normalises instead)."""
+    blocks = getattr(llm, "layers", None)
+    if not isinstance(blocks, nn.ModuleList) or not hasattr(llm, "norm"):
+        raise ValueError(f"user.layer is not supported for {type(llm).__name__} (no .layers/.norm)")
+    if not 0 < layers <= len(blocks):
+        raise ValueError(f"user.layer={layers} but the LLM has {len(blocks)} layers")
+    llm.layers = blocks[:layers]
+    llm.config.num_hidden_layers = layers
+    llm.norm = nn.Identity()
+
+
 class UserTower(nn.Module):
     """LLM backbone + projection head. ``encode_users`` returns ``(B, D)`` L2-normalised embeddings."""
 
@@ -44,26 +61,39 @@ class UserTower(nn.Module):
         super().__init__()
         from transformers import AutoModel
 
+        if cfg.pooling not in ("last", "mean"):
+            raise ValueError(f"unknown user.pooling {cfg.pooling!r}; choose 'last' or 'mean'")
         self.cfg = cfg
         self.dim = dim
         self.llm = AutoModel.from_pretrained(resolve_model(cfg.model))
+        if cfg.layer:
+            _truncate(self.llm, cfg.layer)
         text_cfg = getattr(self.llm.config, "text_config", None) or self.llm.config
         self.hidden_size = int(text_cfg.hidden_size)
         if not cfg.trainable:
             self.llm.requires_grad_(False)
         self.head = UserHead(self.hidden_size, dim, cfg.head_hidden)
 
-    def states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               positions: torch.Tensor | None = None) -> torch.Tensor:
-        """LLM final hidden states at ``positions (B, P)``; default: each row's last real token, ``(B, H)``."""
+    def states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor | None = None,
+               content_start: int = 0) -> torch.Tensor:
+        """Pooled LLM states at ``positions (B, P)`` -> ``(B, P, H)``; default: each row's last token, ``(B, H)``.
+
+        ``content_start`` is where the items begin (after the prompt header); ``mean`` pooling averages the
+        states from there up to each position.
+        """
         h = self.llm(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        if self.cfg.pooling == "mean":
+            keep = attention_mask.clone()
+            keep[:, :content_start] = 0
+            keep = keep.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
+            h = (h * keep).cumsum(1) / keep.cumsum(1).clamp(min=1.0)  # running mean over item tokens
         if positions is None:
             last = attention_mask.sum(1) - 1  # (B,)
             return h[torch.arange(h.shape[0], device=h.device), last]  # (B, H)
         return torch.gather(h, 1, positions.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # (B, P, H)
 
-    def encode_users(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def encode_users(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, content_start: int = 0) -> torch.Tensor:
         """``(B, D)`` embeddings from right-padded profile prompts."""
-        return self.head(self.states(input_ids, attention_mask))
+        return self.head(self.states(input_ids, attention_mask, content_start=content_start))
 
     forward = encode_users

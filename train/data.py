@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -41,6 +41,7 @@ class Catalog:
     root: Path
     items: pl.DataFrame
     interactions: pl.DataFrame
+    meta: dict = field(default_factory=dict)  # catalog.json: source, counts, protocol hints (tie_break)
 
     def media_path(self, relative: str | None) -> Path | None:
         """Absolute path of a media file stored relative to the catalog folder."""
@@ -173,7 +174,9 @@ def load_catalog(root: str | Path) -> Catalog:
     interactions = validate_interactions(
         _read_table(root / "interactions.parquet"), items, str(root / "interactions.parquet")
     )
-    return Catalog(root=root, items=items, interactions=interactions)
+    meta_path = root / "catalog.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return Catalog(root=root, items=items, interactions=interactions, meta=meta)
 
 
 def write_catalog(
@@ -216,7 +219,7 @@ def write_catalog(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("catalog %s: %d items, %d interactions", out, items.height, interactions.height)
-    return Catalog(root=out, items=items, interactions=interactions)
+    return Catalog(root=out, items=items, interactions=interactions, meta=info)
 
 
 def prepare_generic(
@@ -314,7 +317,9 @@ def prepare_movielens_100k(src: str | Path, out: str | Path) -> Catalog:
         src / "u.data", separator="\t", has_header=False,
         new_columns=["user_id", "item_id", "rating", "timestamp"],
     )
-    return write_catalog(out, items, udata, media, meta={"source": str(src), "dataset": "movielens-100k"})
+    # Equal timestamps keep u.data's row order (a stable sort), as in the RecBole runs the README compares to.
+    return write_catalog(out, items, udata, media,
+                         meta={"source": str(src), "dataset": "movielens-100k", "tie_break": "input_order"})
 
 
 def prepare_movielens_latest(src: str | Path, out: str | Path) -> Catalog:
@@ -340,7 +345,8 @@ def prepare_movielens_latest(src: str | Path, out: str | Path) -> Catalog:
     if (~known).any():
         logger.info("dropping %d ratings of movies missing from movies.csv", int((~known).sum()))
         interactions = interactions.filter(known)
-    return write_catalog(out, items, interactions, meta={"source": str(src), "dataset": "movielens-latest-small"})
+    return write_catalog(out, items, interactions,
+                         meta={"source": str(src), "dataset": "movielens-latest-small", "tie_break": "item_id"})
 
 
 def item_text(items: pl.DataFrame, max_chars: int) -> list[str]:

@@ -35,14 +35,11 @@ class ItemDataset(Dataset):
         self.image_paths = catalog.items["image_path"].to_list()
         self.audio_paths = catalog.items["audio_path"].to_list()
         self.id_rows = id_rows if id_rows is not None else np.full(len(self.texts), -1, dtype=np.int64)
-        self.cache: dict[int, dict] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def __getitem__(self, i: int) -> dict:
-        if self.cache is not None and i in self.cache:
-            return self.cache[i]
         out: dict = {"row": i, "id_index": int(self.id_rows[i])}
         if self.cfg.text.enabled:
             enc = self.tokenizer(self.texts[i], truncation=True, max_length=self.cfg.text.max_length)
@@ -54,13 +51,7 @@ class ItemDataset(Dataset):
             path = self.catalog.media_path(self.audio_paths[i])
             out["waveform"] = None if path is None else load_audio(
                 path, self.cfg.audio.sample_rate, self.cfg.audio.max_seconds)
-        if self.cache is not None:
-            self.cache[i] = out
         return out
-
-    def enable_cache(self) -> None:
-        """Keep decoded items in memory (training revisits every item each epoch)."""
-        self.cache = {}
 
 
 def collate_items(items: Sequence[dict], pad_id: int = 0, image_size: int = 0) -> dict[str, torch.Tensor]:

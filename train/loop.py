@@ -51,6 +51,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def split_catalog(config: Config, catalog: Catalog) -> Split:
+    """The leave-one-out split of a catalog, with the tie-break the config (or the catalog) asks for."""
+    tie_break = config.data.tie_break
+    if tie_break == "auto":
+        tie_break = catalog.meta.get("tie_break", "item_id")
+    return leave_one_out(catalog.interactions, config.data.min_count, tie_break)
+
+
 def profile_builder(config: Config, catalog_items: pl.DataFrame, tokenizer=None) -> ProfileBuilder:
     """The profile builder over catalog rows, as configured (shared by training and serving)."""
     tokenizer = tokenizer or load_tokenizer(config.user.model)
@@ -91,43 +99,45 @@ def user_positions(split: Split, split_rows: np.ndarray, builder: ProfileBuilder
 
 
 class UserStates:
-    """LLM states at profile positions: cached once for a frozen LLM, recomputed with grad otherwise."""
+    """Pooled LLM states at each user's profile positions (training positions, then valid, then test).
 
-    def __init__(self, model: TwoTower, users: list[UserPositions], device, pad_id: int, batch_size: int):
-        self.model, self.users, self.device, self.pad_id = model, users, device, pad_id
+    For a frozen LLM they are computed once and cached; otherwise they are recomputed, with gradients, each
+    time they are asked for.
+    """
+
+    def __init__(self, model: TwoTower, users: list[UserPositions], device, pad_id: int, content_start: int,
+                 batch_size: int, progress: bool = True):
+        self.model, self.users, self.device = model, users, device
+        self.pad_id, self.content_start = pad_id, content_start
         self.cache: list[torch.Tensor] | None = None
         if not model.config.user.trainable:
-            self.cache = []
             model.user.llm.eval()
+            cache: list[torch.Tensor] = []
             with torch.inference_mode():
-                for start in tqdm(range(0, len(users), batch_size), desc="user LLM states", leave=False):
-                    self.cache.extend(self._compute(list(range(start, min(start + batch_size, len(users))))))
+                for start in tqdm(range(0, len(users), batch_size), desc="user LLM states", leave=False,
+                                  disable=not progress):
+                    cache.extend(s.float().cpu() for s in self._compute(range(start, min(start + batch_size, len(users)))))
+            self.cache = cache
 
-    def _compute(self, idx: list[int]) -> list[torch.Tensor]:
+    def _compute(self, idx) -> list[torch.Tensor]:
+        idx = list(idx)
         ids, mask = pad_batch([self.users[i].input_ids for i in idx], self.pad_id)
-        h = self.model.user.llm(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
-        return [h[j, : len(self.users[i].input_ids)].float() if self.cache is None else
-                h[j, self._keep(i)].float().cpu() for j, i in enumerate(idx)]
-
-    def _keep(self, i: int) -> list[int]:
-        u = self.users[i]
-        return u.train_pos + [u.valid_pos, u.test_pos]
+        keep = [self.users[i].train_pos + [self.users[i].valid_pos, self.users[i].test_pos] for i in idx]
+        width = max(len(k) for k in keep)
+        positions = torch.tensor([k + [k[-1]] * (width - len(k)) for k in keep], dtype=torch.long)
+        s = self.model.user.states(ids.to(self.device), mask.to(self.device), positions.to(self.device),
+                                   self.content_start)  # (B, P, H)
+        return [s[j, : len(k)] for j, k in enumerate(keep)]
 
     def get(self, idx: list[int], which: str) -> tuple[torch.Tensor, torch.Tensor]:
         """States ``(N, H)`` and split targets ``(N,)`` (``which``: train / valid / test) for users ``idx``."""
-        if self.cache is not None:
-            rows = [self.cache[i] for i in idx]
-            to_index = {i: {p: k for k, p in enumerate(self._keep(i))} for i in idx}
-        else:
-            rows = self._compute(idx)
-            to_index = {i: {p: p for p in self._keep(i)} for i in idx}
+        rows = [self.cache[i] for i in idx] if self.cache is not None else self._compute(idx)
         states, targets = [], []
         for i, r in zip(idx, rows):
-            u = self.users[i]
-            pos = {"train": u.train_pos, "valid": [u.valid_pos], "test": [u.test_pos]}[which]
-            states.append(r[[to_index[i][p] for p in pos]])
+            n = len(self.users[i].train_pos)
+            states.append({"train": r[:n], "valid": r[n:n + 1], "test": r[n + 1:n + 2]}[which])
             if which == "train":
-                targets.extend(u.train_targets)
+                targets.extend(self.users[i].train_targets)
         return torch.cat(states).to(self.device), torch.tensor(targets, dtype=torch.long)
 
 
@@ -141,22 +151,34 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def _encode_split_items(model: TwoTower, dataset, split_rows, frozen: dict, device, batch_size=256,
-                        dropout: float = 0.0, rows: np.ndarray | None = None) -> torch.Tensor:
-    rows = split_rows if rows is None else rows
-    out = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        batch = to_device(collate_items([dataset[int(r)] for r in chunk], dataset.tokenizer.pad_token_id
-                                        if dataset.tokenizer is not None else 0, dataset.cfg.image.image_size), device)
+class ItemBank:
+    """Collated inputs of every training item, built once; frozen encoders' features replace their inputs."""
+
+    def __init__(self, dataset, split_rows: np.ndarray, frozen: dict[str, torch.Tensor], device, chunk: int = 512):
+        pad = dataset.tokenizer.pad_token_id if dataset.tokenizer is not None else 0
+        batch = collate_items([dataset[int(r)] for r in split_rows], pad, dataset.cfg.image.image_size)
+        rows = torch.as_tensor(split_rows, dtype=torch.long)
         for key, feats in frozen.items():
-            batch[key] = feats[torch.as_tensor(chunk, dtype=torch.long)].to(device)
+            batch[key] = feats[rows]
             batch.pop("text_input_ids" if key == "text_features" else "pixels", None)
-        out.append(model.item.encode_items(batch, modality_dropout=dropout))
-    return torch.cat(out)
+            if key == "text_features":
+                batch.pop("text_attention_mask", None)
+        batch.pop("row")
+        self.inputs = to_device(batch, device)
+        self.size, self.chunk = len(split_rows), chunk
+
+    def encode(self, model: TwoTower, items: torch.Tensor | None = None, dropout: float = 0.0) -> torch.Tensor:
+        """``(N, D)`` embeddings of training items ``items`` (split indices; default all), in chunks."""
+        items = torch.arange(self.size) if items is None else items.cpu()
+        out = []
+        for start in range(0, len(items), self.chunk):
+            idx = items[start:start + self.chunk].to(next(iter(self.inputs.values())).device)
+            batch = {k: v.index_select(0, idx) for k, v in self.inputs.items()}
+            out.append(model.item.encode_items(batch, modality_dropout=dropout))
+        return torch.cat(out)
 
 
-def evaluate_positions(model, states: UserStates, split: Split, item_emb: torch.Tensor, which: str,
+def evaluate_positions(model: TwoTower, states: UserStates, split: Split, item_emb: torch.Tensor, which: str,
                        users: list[int] | None = None) -> dict[str, float]:
     """Full-ranking metrics over all split items for ``which`` in (valid, test), history excluded."""
     users = list(range(split.num_users)) if users is None else users
@@ -190,11 +212,13 @@ def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress
         progress: show progress bars.
     """
     t0 = time.time()
+    if config.train.negatives not in ("batch", "catalog"):
+        raise ValueError(f"unknown train.negatives {config.train.negatives!r}; choose 'batch' or 'catalog'")
     seed_everything(config.train.seed)
     device = resolve_device(config.train.device)
     run_dir = Path(run_dir)
     catalog: Catalog = load_catalog(catalog_dir)
-    split = leave_one_out(catalog.interactions, config.data.min_count)
+    split = split_catalog(config, catalog)
 
     row_of = {item_id: r for r, item_id in enumerate(catalog.items["item_id"].to_list())}
     split_rows = np.array([row_of[i] for i in split.item_ids], dtype=np.int64)  # split index -> catalog row
@@ -203,13 +227,14 @@ def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress
 
     model = build_towers(config, num_ids=split.num_items).to(device)
     dataset = make_item_dataset(catalog, model, id_rows)
-    dataset.enable_cache()
     frozen = frozen_features(model, dataset, device, config.item.text.batch_size)
+    bank = ItemBank(dataset, split_rows, frozen, device)
 
     tokenizer = load_tokenizer(config.user.model)
     builder = profile_builder(config, catalog.items, tokenizer)
     positions = user_positions(split, split_rows, builder, config.train.max_positions)
-    states = UserStates(model, positions, device, tokenizer.pad_token_id, config.user.batch_size)
+    states = UserStates(model, positions, device, tokenizer.pad_token_id, len(builder.header_ids),
+                        config.user.batch_size, progress)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay)
@@ -233,17 +258,20 @@ def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress
             idx = order[start:start + users_per_step]
             s, targets = states.get(idx, "train")
             u = model.user.head(s)  # (N, D)
-            uniq, inverse = torch.unique(targets, return_inverse=True)  # in-batch candidate items
-            v = _encode_split_items(model, dataset, split_rows, frozen, device, rows=split_rows[uniq.numpy()],
-                                    dropout=config.item.modality_dropout)  # (M, D)
-            loss = info_nce(u, v, inverse.to(device), model.logit_scale)
+            if config.train.negatives == "catalog":  # every training item is a candidate: full softmax
+                v = bank.encode(model, dropout=config.item.modality_dropout)  # (I, D)
+                loss = info_nce(u, v, targets.to(device), model.logit_scale)
+            else:  # in-batch negatives: the unique positives of the batch
+                uniq, inverse = torch.unique(targets, return_inverse=True)
+                v = bank.encode(model, uniq, dropout=config.item.modality_dropout)  # (M, D)
+                loss = info_nce(u, v, inverse.to(device), model.logit_scale)
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
             losses.append(float(loss))
         model.eval()
         with torch.no_grad():
-            item_emb = _encode_split_items(model, dataset, split_rows, frozen, device)
+            item_emb = bank.encode(model)
             valid = evaluate_positions(model, states, split, item_emb, "valid", eval_users)
         record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
                   "temperature": float(1 / model.logit_scale.exp().clamp(max=100)), **valid}
@@ -262,7 +290,7 @@ def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress
 
     best_model = load_towers(run_dir, device)
     with torch.no_grad():
-        item_emb = _encode_split_items(best_model, dataset, split_rows, frozen, device)
+        item_emb = bank.encode(best_model)
         states.model = best_model
         valid = evaluate_positions(best_model, states, split, item_emb, "valid")
         test = evaluate_positions(best_model, states, split, item_emb, "test")
