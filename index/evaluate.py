@@ -50,17 +50,26 @@ def evaluate(run_dir: str | Path, users: int = 0, seed: int = 0, rerank: bool = 
         idx = chosen[start:start + batch_size]
         histories = [[split.item_ids[j] for j in split.sequences[u][:-1]] for u in idx]
         targets = [split.item_ids[split.test_target(u)] for u in idx]
-        modes = [("retrieval", False)] + ([("reranked", True)] if rerank else [])
-        for name, flag in modes:
-            t0 = time.time()
-            lists = rec.recommend_batch(histories=histories, k=depth, rerank=flag, allowed=allowed)
-            timings[name] += time.time() - t0
-            for recs, target in zip(lists, targets):
-                ids = [r.item_id for r in recs]
-                ranks[name].append(ids.index(target) if target in ids else depth)
-    out = {"users": len(chosen), "items": split.num_items, "protocol": "5-core leave-one-out, full ranking"}
+        t0 = time.time()
+        n_cand = max(depth, rec.config.rerank.candidates)
+        lists = rec.recommend_batch(histories=histories, k=n_cand, rerank=False, allowed=allowed)
+        timings["retrieval"] += time.time() - t0
+        for h, recs, target in zip(histories, lists, targets):
+            ranks["retrieval"].append(_rank([r.item_id for r in recs[:depth]], target, depth))
+            if rerank:
+                t0 = time.time()
+                reranked = rec.rerank(h, recs[: rec.config.rerank.candidates]) + recs[rec.config.rerank.candidates:]
+                timings["reranked"] += time.time() - t0
+                ranks["reranked"].append(_rank([r.item_id for r in reranked[:depth]], target, depth))
+    out = {"users": len(chosen), "items": split.num_items, "protocol": "5-core leave-one-out, full ranking",
+           "rerank_candidates": rec.config.rerank.candidates, "rerank_weight": rec.config.rerank.weight}
     for name, r in ranks.items():
         if r:
             out[name] = {k: round(v, 4) for k, v in ranking_metrics(r, KS).items()}
             out[name]["seconds"] = round(timings[name], 1)
     return out
+
+
+def _rank(ids: list, target, depth: int) -> int:
+    """0-based position of ``target`` in a ranked list, or ``depth`` (a miss at every cut-off) if absent."""
+    return ids.index(target) if target in ids else depth

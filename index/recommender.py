@@ -146,17 +146,22 @@ class Recommender:
         candidates = self._search(users, n_cand, seen, allowed)
         results = []
         for h, (rows, scores) in zip(histories, candidates):
-            if rerank and len(rows) > 1:
-                prompt = self.builder.build([self.row_of[self._key(i)] for i in h]).input_ids
-                llm = self.reranker.log_odds(prompt, [self.titles[r] for r in rows])
-                final = self.reranker.combine(torch.as_tensor(scores), llm)
-                order = torch.argsort(final, descending=True, stable=True).tolist()[:k]
-                results.append([Recommendation(self.item_ids[rows[o]], self.titles[rows[o]], float(final[o]),
-                                               float(scores[o]), float(llm[o])) for o in order])
-            else:
-                results.append([Recommendation(self.item_ids[r], self.titles[r], float(s), float(s))
-                                for r, s in list(zip(rows, scores))[:k]])
+            recs = [Recommendation(self.item_ids[r], self.titles[r], float(s), float(s)) for r, s in zip(rows, scores)]
+            results.append(self.rerank(h, recs, k) if rerank else recs[:k])
         return results
+
+    def rerank(self, history: Sequence, candidates: list[Recommendation], k: int | None = None) -> list[Recommendation]:
+        """Reorder retrieved candidates with the LLM reranker given the user's history; returns the top ``k``."""
+        k = len(candidates) if k is None else k
+        if len(candidates) < 2:
+            return candidates[:k]
+        prompt = self.builder.build([self.row_of[self._key(i)] for i in history]).input_ids
+        llm = self.reranker.log_odds(prompt, [c.title for c in candidates])
+        retrieval = torch.tensor([c.retrieval_score for c in candidates])
+        final = self.reranker.combine(retrieval, llm)
+        order = torch.argsort(final, descending=True, stable=True).tolist()[:k]
+        return [Recommendation(candidates[o].item_id, candidates[o].title, float(final[o]),
+                               candidates[o].retrieval_score, float(llm[o])) for o in order]
 
     def _search(self, users: np.ndarray, n: int, seen: list[set], allowed: Iterable | None):
         """Top-``n`` (rows, scores) per user, with seen rows removed; over-fetches by the largest history."""

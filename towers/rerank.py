@@ -45,13 +45,20 @@ class LLMReranker(nn.Module):
 
     @torch.inference_mode()
     def log_odds(self, profile_ids: list[int], candidate_titles: list[str]) -> torch.Tensor:
-        """``(C,)`` yes/no log-odds for each candidate title after one profile prompt."""
+        """``(C,)`` yes/no log-odds for each candidate title after one profile prompt.
+
+        ``log p(Yes) - log p(No)`` is the difference of the two logits (the softmax normaliser cancels), so
+        only two rows of the output embedding are used: the full vocabulary projection (262k rows for Gemma)
+        would cost more than the transformer itself.
+        """
         from transformers import DynamicCache
 
         device = next(self.lm.parameters()).device
+        body = self.lm.get_decoder()
+        head = self.lm.get_output_embeddings().weight[[self.yes_id, self.no_id]]  # (2, H)
+        cap = getattr(self.lm.config, "final_logit_softcapping", None)
         prefix = torch.as_tensor([profile_ids], device=device)
-        out = self.lm(input_ids=prefix, use_cache=True, cache=DynamicCache())
-        prefix_cache = out.cache
+        prefix_cache = body(input_ids=prefix, use_cache=True, cache=DynamicCache()).cache
         scores = []
         for start in range(0, len(candidate_titles), self.cfg.batch_size):
             titles = candidate_titles[start:start + self.cfg.batch_size]
@@ -60,11 +67,13 @@ class LLMReranker(nn.Module):
             cache = _repeat_cache(prefix_cache, len(titles))
             full_mask = torch.cat([torch.ones(len(titles), prefix.shape[1], dtype=mask.dtype, device=device), mask], 1)
             positions = prefix.shape[1] + torch.arange(ids.shape[1], device=device).expand(len(titles), -1)
-            logits = self.lm(input_ids=ids, attention_mask=full_mask, cache=cache,
-                             position_ids=positions, use_cache=True).logits  # (C, S, V)
-            last = mask.sum(1) - 1
-            final = logits[torch.arange(len(titles), device=device), last].float().log_softmax(-1)  # (C, V)
-            scores.append(final[:, self.yes_id] - final[:, self.no_id])
+            h = body(input_ids=ids, attention_mask=full_mask, cache=cache, position_ids=positions,
+                     use_cache=True).last_hidden_state  # (C, S, H)
+            last = h[torch.arange(len(titles), device=device), mask.sum(1) - 1]  # (C, H)
+            logits = last.float() @ head.float().T  # (C, 2)
+            if cap:
+                logits = cap * torch.tanh(logits / cap)
+            scores.append(logits[:, 0] - logits[:, 1])
         return torch.cat(scores).cpu()
 
     def combine(self, retrieval: torch.Tensor, llm: torch.Tensor) -> torch.Tensor:
