@@ -103,7 +103,8 @@ class TrainConfig:
     temperature: float = 0.07  # initial softmax temperature of InfoNCE
     learn_temperature: bool = True
     patience: int = 4  # epochs without validation NDCG@10 improvement before stopping
-    max_positions: int = 20  # most recent training positions per user (one per history item)
+    max_positions: int = 20  # most recent training positions per prompt (one per history item; 0 = all)
+    windows: int = 1  # prompts per user: extra ones cover older history (more training pairs, more LLM passes)
     eval_users: int = 0  # validation users per epoch (0 = all)
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"; "cuda" without CUDA is an error

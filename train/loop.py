@@ -70,59 +70,85 @@ def profile_builder(config: Config, catalog_items: pl.DataFrame, tokenizer=None)
 
 
 @dataclass
-class UserPositions:
-    """Per user: profile token ids, the prompt positions to read, and what each position predicts."""
+class Prompt:
+    """One profile prompt of one user: its token ids, the positions to read and what each one predicts.
 
+    A user's first prompt covers ``seq[:-1]`` (training items plus the validation item): its last two
+    positions are the validation and test positions. Further prompts cover earlier stretches of the training
+    history and carry training positions only.
+    """
+
+    user: int
     input_ids: list[int]
     train_pos: list[int]  # positions whose next item is a training item
     train_targets: list[int]  # split item index of that next item
-    valid_pos: int  # position after the last training item (predicts the validation item)
-    test_pos: int  # position after the validation item (predicts the test item)
+    valid_pos: int | None = None  # after the last training item (predicts the validation item)
+    test_pos: int | None = None  # after the validation item (predicts the test item)
+
+    @property
+    def read_positions(self) -> list[int]:
+        return self.train_pos + [p for p in (self.valid_pos, self.test_pos) if p is not None]
 
 
-def user_positions(split: Split, split_rows: np.ndarray, builder: ProfileBuilder, max_positions: int) -> list[UserPositions]:
-    """Profiles over ``seq[:-1]`` for every split user, with the positions described in the module doc."""
-    out = []
+def user_prompts(split: Split, split_rows: np.ndarray, builder: ProfileBuilder, max_positions: int,
+                 windows: int = 1) -> list[Prompt]:
+    """Prompts for every split user; prompt ``u`` is user ``u``'s main prompt, extra windows follow.
+
+    Window ``w + 1`` ends where window ``w`` starts, so each training target is predicted once, and a
+    position never sees its own target or anything after it. ``max_positions`` keeps the most recent
+    training positions of each prompt (0 = all).
+    """
+    main, extra = [], []
     for u in range(split.num_users):
         seq = split.sequences[u]
-        prof = builder.build(split_rows[seq[:-1]])
-        if len(prof.ends) < 2:
-            raise ValueError(
-                f"user {split.user_ids[u]!r}: the profile budget keeps only {len(prof.ends)} item(s); "
-                "raise data.profile_token_budget"
-            )
-        first = len(seq) - 1 - len(prof.ends)  # sequence position of the first kept item
-        pos = prof.ends[:-2][-max_positions:] if max_positions else prof.ends[:-2]
-        targets = [int(seq[first + i + 1]) for i in range(len(prof.ends) - 2)][-len(pos):] if pos else []
-        out.append(UserPositions(prof.input_ids, list(pos), targets, prof.ends[-2], prof.ends[-1]))
-    return out
+        last_train = len(seq) - 3  # index of the last training item
+        end = len(seq) - 1
+        for w in range(windows):
+            prof = builder.build(split_rows[seq[:end]])
+            first = end - len(prof.ends)  # sequence index of the first kept item
+            if w == 0 and len(prof.ends) < 2:
+                raise ValueError(f"user {split.user_ids[u]!r}: the profile budget keeps only {len(prof.ends)} "
+                                 "item(s); raise data.profile_token_budget")
+            pairs = [(p, int(seq[first + i + 1])) for i, p in enumerate(prof.ends) if first + i + 1 <= last_train]
+            if max_positions:
+                pairs = pairs[-max_positions:]
+            prompt = Prompt(u, prof.input_ids, [p for p, _ in pairs], [t for _, t in pairs])
+            if w == 0:
+                prompt.valid_pos, prompt.test_pos = prof.ends[-2], prof.ends[-1]
+                main.append(prompt)
+            elif pairs:
+                extra.append(prompt)
+            end = first
+            if end < 2:
+                break
+    return main + extra
 
 
 class UserStates:
-    """Pooled LLM states at each user's profile positions (training positions, then valid, then test).
+    """Pooled LLM states at every prompt's read positions (training positions, then valid, then test).
 
     For a frozen LLM they are computed once and cached; otherwise they are recomputed, with gradients, each
     time they are asked for.
     """
 
-    def __init__(self, model: TwoTower, users: list[UserPositions], device, pad_id: int, content_start: int,
+    def __init__(self, model: TwoTower, prompts: list[Prompt], device, pad_id: int, content_start: int,
                  batch_size: int, progress: bool = True):
-        self.model, self.users, self.device = model, users, device
+        self.model, self.prompts, self.device = model, prompts, device
         self.pad_id, self.content_start = pad_id, content_start
         self.cache: list[torch.Tensor] | None = None
         if not model.config.user.trainable:
             model.user.llm.eval()
             cache: list[torch.Tensor] = []
             with torch.inference_mode():
-                for start in tqdm(range(0, len(users), batch_size), desc="user LLM states", leave=False,
+                for start in tqdm(range(0, len(prompts), batch_size), desc="user LLM states", leave=False,
                                   disable=not progress):
-                    cache.extend(s.float().cpu() for s in self._compute(range(start, min(start + batch_size, len(users)))))
+                    cache.extend(s.float().cpu() for s in self._compute(range(start, min(start + batch_size, len(prompts)))))
             self.cache = cache
 
     def _compute(self, idx) -> list[torch.Tensor]:
         idx = list(idx)
-        ids, mask = pad_batch([self.users[i].input_ids for i in idx], self.pad_id)
-        keep = [self.users[i].train_pos + [self.users[i].valid_pos, self.users[i].test_pos] for i in idx]
+        ids, mask = pad_batch([self.prompts[i].input_ids for i in idx], self.pad_id)
+        keep = [self.prompts[i].read_positions for i in idx]
         width = max(len(k) for k in keep)
         positions = torch.tensor([k + [k[-1]] * (width - len(k)) for k in keep], dtype=torch.long)
         s = self.model.user.states(ids.to(self.device), mask.to(self.device), positions.to(self.device),
@@ -130,14 +156,14 @@ class UserStates:
         return [s[j, : len(k)] for j, k in enumerate(keep)]
 
     def get(self, idx: list[int], which: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """States ``(N, H)`` and split targets ``(N,)`` (``which``: train / valid / test) for users ``idx``."""
+        """States ``(N, H)`` and split targets ``(N,)`` (``which``: train / valid / test) for prompts ``idx``."""
         rows = [self.cache[i] for i in idx] if self.cache is not None else self._compute(idx)
         states, targets = [], []
         for i, r in zip(idx, rows):
-            n = len(self.users[i].train_pos)
+            n = len(self.prompts[i].train_pos)
             states.append({"train": r[:n], "valid": r[n:n + 1], "test": r[n + 1:n + 2]}[which])
             if which == "train":
-                targets.extend(self.users[i].train_targets)
+                targets.extend(self.prompts[i].train_targets)
         return torch.cat(states).to(self.device), torch.tensor(targets, dtype=torch.long)
 
 
@@ -232,14 +258,14 @@ def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress
 
     tokenizer = load_tokenizer(config.user.model)
     builder = profile_builder(config, catalog.items, tokenizer)
-    positions = user_positions(split, split_rows, builder, config.train.max_positions)
-    states = UserStates(model, positions, device, tokenizer.pad_token_id, len(builder.header_ids),
+    prompts = user_prompts(split, split_rows, builder, config.train.max_positions, config.train.windows)
+    states = UserStates(model, prompts, device, tokenizer.pad_token_id, len(builder.header_ids),
                         config.user.batch_size, progress)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay)
-    users_per_step = max(1, config.train.batch_size // max(1, config.train.max_positions))
-    trainable_users = [u for u in range(split.num_users) if positions[u].train_pos]
+    prompts_per_step = max(1, config.train.batch_size // max(1, config.train.max_positions))
+    trainable_prompts = [i for i, p in enumerate(prompts) if p.train_pos]
     rng = random.Random(config.train.seed)
     eval_users = list(range(split.num_users))
     if config.train.eval_users and config.train.eval_users < len(eval_users):
@@ -250,12 +276,12 @@ def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress
         model.train()
         if not config.user.trainable:
             model.user.llm.eval()
-        order = trainable_users[:]
+        order = trainable_prompts[:]
         rng.shuffle(order)
         losses = []
-        steps = range(0, len(order), users_per_step)
+        steps = range(0, len(order), prompts_per_step)
         for start in tqdm(steps, desc=f"epoch {epoch}", leave=False, disable=not progress):
-            idx = order[start:start + users_per_step]
+            idx = order[start:start + prompts_per_step]
             s, targets = states.get(idx, "train")
             u = model.user.head(s)  # (N, D)
             if config.train.negatives == "catalog":  # every training item is a candidate: full softmax
