@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from index.store import Manifest, build_faiss, write_version
 from towers.factory import TwoTower, item_fingerprint, load_config_from_run, load_towers
-from train.data import Catalog, load_catalog
+from train.data import Catalog, catalog_sha256, load_catalog
 from train.items import item_loader, make_item_dataset, to_device
 from train.loop import resolve_device
 
@@ -78,11 +78,8 @@ def build_index(run_dir: str | Path, catalog_dir: str | Path | None = None, fact
     items = catalog.items.select(
         pl.Series("faiss_id", ids), "item_id", "title", "text"
     )
-    h = hashlib.sha256()
-    for name in ("items.parquet", "interactions.parquet"):
-        h.update((catalog.root / name).read_bytes())
     manifest = Manifest(
         fingerprint=item_fingerprint(model), dim=config.dim, metric="ip", count=len(vectors), factory=factory,
-        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), catalog_sha256=h.hexdigest(),
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), catalog_sha256=catalog_sha256(catalog.root),
     )
     return write_version(run_dir / "index", index, items, manifest)

@@ -179,6 +179,16 @@ def load_catalog(root: str | Path) -> Catalog:
     return Catalog(root=root, items=items, interactions=interactions, meta=meta)
 
 
+def catalog_sha256(root: str | Path) -> str:
+    """Hash of a catalog's two tables: which data a run was trained on, or an index was built from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in ("items.parquet", "interactions.parquet"):
+        h.update((Path(root) / name).read_bytes())
+    return h.hexdigest()
+
+
 def write_catalog(
     out: str | Path,
     items: pl.DataFrame,

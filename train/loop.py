@@ -20,13 +20,14 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from configs import Config
-from towers.factory import TwoTower, build_towers, save_towers
+from towers.factory import CHECKPOINT, TwoTower, build_towers, save_towers
 from towers.hub import load_tokenizer
 from towers.user import pad_batch
-from train.data import Catalog, load_catalog
+from train.data import Catalog, catalog_sha256, load_catalog
 from train.items import collate_items, frozen_features, make_item_dataset, to_device
 from train.losses import info_nce
 from train.metrics import ranking_metrics, target_ranks
@@ -312,14 +313,13 @@ def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress
             if bad >= config.train.patience:
                 break
 
-    from towers.factory import load_towers
-
-    best_model = load_towers(run_dir, device)
+    # Back to the best epoch's weights (the frozen backbones never changed).
+    model.load_state_dict(load_file(str(run_dir / CHECKPOINT), device=str(device)), strict=False)
+    model.eval()
     with torch.no_grad():
-        item_emb = bank.encode(best_model)
-        states.model = best_model
-        valid = evaluate_positions(best_model, states, split, item_emb, "valid")
-        test = evaluate_positions(best_model, states, split, item_emb, "test")
+        item_emb = bank.encode(model)
+        valid = evaluate_positions(model, states, split, item_emb, "valid")
+        test = evaluate_positions(model, states, split, item_emb, "test")
     write_run_data(run_dir, catalog, split)
     result = TrainResult(run_dir, best_epoch, valid, test, history, time.time() - t0)
     (run_dir / "metrics.json").write_text(json.dumps(
@@ -335,14 +335,9 @@ def write_run_data(run_dir: Path, catalog: Catalog, split: Split) -> None:
     and its hash; ``histories.parquet`` holds each split user's sequence without the held-out test item, in
     order; ``split_items.parquet`` lists the items that were ranked during training (the id table's rows).
     """
-    import hashlib
-
-    h = hashlib.sha256()
-    for name in ("items.parquet", "interactions.parquet"):
-        h.update((catalog.root / name).read_bytes())
     catalog.items.write_parquet(run_dir / "items.parquet")
     (run_dir / "catalog.json").write_text(json.dumps(
-        {"path": str(Path(catalog.root).resolve()), "sha256": h.hexdigest()}, indent=2))
+        {"path": str(Path(catalog.root).resolve()), "sha256": catalog_sha256(catalog.root)}, indent=2))
     users, items, order = [], [], []
     for u, seq in enumerate(split.sequences):
         for k, j in enumerate(seq[:-1]):
