@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from configs import Config
+from towers.user import pad_batch
 from train.data import Catalog, item_text
 from train.media import load_audio, load_image, pad_waveforms
 
@@ -61,14 +62,7 @@ def collate_items(items: Sequence[dict], pad_id: int = 0, image_size: int = 0) -
         "id_index": torch.tensor([it["id_index"] for it in items], dtype=torch.long),
     }
     if "text_input_ids" in items[0]:
-        seqs = [it["text_input_ids"] for it in items]
-        t = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), t), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.as_tensor(s)
-            mask[i, : len(s)] = 1
-        batch["text_input_ids"], batch["text_attention_mask"] = ids, mask
+        batch["text_input_ids"], batch["text_attention_mask"] = pad_batch([it["text_input_ids"] for it in items], pad_id)
     # A modality absent from every item of the batch is left out entirely (the tower treats it as missing).
     if "pixels" in items[0] and any(it["pixels"] is not None for it in items):
         present = [it["pixels"] is not None for it in items]
@@ -110,9 +104,9 @@ def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]
 
 
 @torch.inference_mode()
-def frozen_features(model, dataset: ItemDataset, device, batch_size: int = 64,
-                    num_workers: int = 0) -> dict[str, torch.Tensor]:
-    """Features of frozen encoders for every item, keyed ``"<modality>_features"`` (rows in catalog order)."""
+def frozen_features(model, dataset: ItemDataset, device, batch_size: int = 64, num_workers: int = 0,
+                    rows: Sequence[int] | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Features of frozen encoders for items ``rows`` (default: all), keyed ``"<modality>_features"``."""
     item = model.item
     frozen = []
     if item.text is not None and not model.config.item.text.trainable:
@@ -122,8 +116,8 @@ def frozen_features(model, dataset: ItemDataset, device, batch_size: int = 64,
     if not frozen:
         return {}
     out: dict[str, list[torch.Tensor]] = {m: [] for m in frozen}
-    loader = item_loader(dataset, batch_size=batch_size, num_workers=num_workers)
-    for batch in tqdm(loader, desc=f"caching frozen {'+'.join(frozen)} features", leave=False):
+    loader = item_loader(dataset, rows, batch_size=batch_size, num_workers=num_workers)
+    for batch in tqdm(loader, desc=f"caching frozen {'+'.join(frozen)} features", leave=False, disable=not progress):
         batch = to_device(batch, device)
         if "text" in frozen:
             out["text"].append(item.text(batch["text_input_ids"], batch["text_attention_mask"]).float().cpu())

@@ -182,11 +182,11 @@ class ItemBank:
     """Collated inputs of every training item, built once; frozen encoders' features replace their inputs."""
 
     def __init__(self, dataset, split_rows: np.ndarray, frozen: dict[str, torch.Tensor], device, chunk: int = 512):
+        """``frozen`` holds frozen encoders' features of the training items, in split order."""
         pad = dataset.tokenizer.pad_token_id if dataset.tokenizer is not None else 0
         batch = collate_items([dataset[int(r)] for r in split_rows], pad, dataset.cfg.image.image_size)
-        rows = torch.as_tensor(split_rows, dtype=torch.long)
         for key, feats in frozen.items():
-            batch[key] = feats[rows]
+            batch[key] = feats
             batch.pop("text_input_ids" if key == "text_features" else "pixels", None)
             if key == "text_features":
                 batch.pop("text_attention_mask", None)
@@ -254,7 +254,7 @@ def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress
 
     model = build_towers(config, num_ids=split.num_items).to(device)
     dataset = make_item_dataset(catalog, model, id_rows)
-    frozen = frozen_features(model, dataset, device, config.item.text.batch_size)
+    frozen = frozen_features(model, dataset, device, config.item.text.batch_size, rows=split_rows, progress=progress)
     bank = ItemBank(dataset, split_rows, frozen, device)
 
     tokenizer = load_tokenizer(config.user.model)
