@@ -295,7 +295,7 @@ def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         model.eval()
         with torch.no_grad():
             item_emb = bank.encode(model)
