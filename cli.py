@@ -30,8 +30,10 @@ def cmd_prepare(args) -> None:
     from train import data
 
     if args.format == "movielens-100k":
-        cat = data.prepare_movielens_100k(args.src, args.out)
+        cat = data.prepare_movielens_100k(args.src or os.environ.get("TOWERREC_ML100K", DEFAULT_ML100K), args.out)
     elif args.format == "movielens-latest":
+        if not args.src:
+            raise ValueError("--format movielens-latest needs --src (the folder with ratings.csv and movies.csv)")
         cat = data.prepare_movielens_latest(args.src, args.out)
     else:
         if not args.items or not args.interactions:
@@ -95,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("prepare", help="build a catalog (items.parquet + interactions.parquet)")
     s.add_argument("--format", choices=["generic", "movielens-100k", "movielens-latest"], default="generic")
-    s.add_argument("--src", default=os.environ.get("TOWERREC_ML100K", str(DEFAULT_ML100K)),
-                   help="dataset folder for the movielens formats")
+    s.add_argument("--src", help="dataset folder for the movielens formats (movielens-100k: default "
+                                 "$TOWERREC_ML100K, else ../shared/datasets/movielens-100k-mm)")
     s.add_argument("--items", help="generic: items CSV/Parquet")
     s.add_argument("--interactions", help="generic: interactions CSV/Parquet")
     s.add_argument("--map", action="append", default=[], metavar="SRC=DST",
