@@ -301,7 +301,7 @@ def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress
             item_emb = bank.encode(model)
             valid = evaluate_positions(model, states, split, item_emb, "valid", eval_users)
         record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
-                  "temperature": float(1 / model.logit_scale.exp().clamp(max=100)), **valid}
+                  "temperature": float(1 / model.logit_scale.detach().exp().clamp(max=100)), **valid}
         history.append(record)
         logger.info("epoch %d loss %.4f valid recall@10 %.4f ndcg@10 %.4f", epoch, record["loss"],
                     valid["recall@10"], valid["ndcg@10"])
