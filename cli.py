@@ -74,8 +74,8 @@ def cmd_query(args) -> None:
         print(json.dumps([r.__dict__ for r in results], default=str))
         return
     print(f"history ({len(hist)} items, most recent last):")
-    for item_id in hist[-10:]:
-        print(f"  {item_id}: {rec.titles[rec.row_of[rec._key(item_id)]]}")
+    for item_id, row in zip(hist[-10:], rec._rows(hist[-10:])):
+        print(f"  {item_id}: {rec.titles[row]}")
     print(f"top-{args.k}:")
     for i, r in enumerate(results, 1):
         extra = f"  llm {r.rerank_score:+.3f}" if r.rerank_score is not None else ""

@@ -91,6 +91,10 @@ class Recommender:
             return alt
         raise QueryError(f"unknown item_id {item_id!r}: not in the catalog of index {self.version.name}")
 
+    def _rows(self, item_ids: Iterable) -> list[int]:
+        """Index-table rows of item ids (a clear error for any unknown id)."""
+        return [self.row_of[self._key(i)] for i in item_ids]
+
     def history_of(self, user_id) -> list:
         """The user's known history (item ids, oldest first)."""
         for key in (user_id, _try_int(user_id), str(user_id)):
@@ -106,7 +110,7 @@ class Recommender:
         for h in histories:
             if len(h) == 0:
                 raise QueryError("empty history: give at least one item id")
-            prompts.append(self.builder.build([self.row_of[self._key(i)] for i in h]).input_ids)
+            prompts.append(self.builder.build(self._rows(h)).input_ids)
         out = []
         bs = self.config.user.batch_size
         for start in range(0, len(prompts), bs):
@@ -142,7 +146,7 @@ class Recommender:
         rerank = self.config.rerank.enabled if rerank is None else rerank
         users = self.embed_histories(histories)
         n_cand = max(k, self.config.rerank.candidates) if rerank else k
-        seen = [{self.row_of[self._key(i)] for i in h} if exclude_seen else set() for h in histories]
+        seen = [set(self._rows(h)) if exclude_seen else set() for h in histories]
         candidates = self._search(users, n_cand, seen, allowed)
         results = []
         for h, (rows, scores) in zip(histories, candidates):
@@ -155,7 +159,7 @@ class Recommender:
         k = len(candidates) if k is None else k
         if len(candidates) < 2:
             return candidates[:k]
-        prompt = self.builder.build([self.row_of[self._key(i)] for i in history]).input_ids
+        prompt = self.builder.build(self._rows(history)).input_ids
         llm = self.reranker.log_odds(prompt, [c.title for c in candidates])
         retrieval = torch.tensor([c.retrieval_score for c in candidates])
         final = self.reranker.combine(retrieval, llm)
@@ -167,7 +171,7 @@ class Recommender:
         """Top-``n`` (rows, scores) per user, with seen rows removed; over-fetches by the largest history."""
         params = None
         if allowed is not None:
-            allowed_ids = np.array([self.faiss_ids[self.row_of[self._key(i)]] for i in allowed], dtype=np.int64)
+            allowed_ids = self.faiss_ids[self._rows(allowed)].astype(np.int64)
             params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed_ids))
         fetch = min(self.index.ntotal, n + max((len(s) for s in seen), default=0))
         scores, ids = self.index.search(np.ascontiguousarray(users, dtype=np.float32), fetch, params=params)
