@@ -1,7 +1,7 @@
 """towerrec command line: prepare, train, build-index, query, evaluate.
 
-Subcommands only parse arguments and call library functions. Bad input ends with one line on stderr and
-exit code 2, never a traceback.
+Subcommands only parse arguments and call library functions. Bad input (any :class:`errors.TowerrecError`)
+ends with one line on stderr and exit code 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -9,37 +9,29 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-from pathlib import Path
 
-DEFAULT_ML100K = Path(__file__).resolve().parent.parent / "shared" / "datasets" / "movielens-100k-mm"
+from errors import CatalogError, QueryError, TowerrecError
 
 
 def _mapping(pairs: list[str]) -> dict[str, str]:
     out = {}
     for p in pairs:
-        if "=" not in p:
-            raise ValueError(f"--map {p!r} must look like source_column=canonical_column")
-        src, dst = p.split("=", 1)
-        out[src] = dst
+        src, sep, dst = p.partition("=")
+        if not sep or not src.strip() or not dst.strip():
+            raise CatalogError(f"--map {p!r} must look like source_column=canonical_column")
+        if src.strip() in out:
+            raise CatalogError(f"--map {p!r}: column {src.strip()!r} is mapped twice")
+        out[src.strip()] = dst.strip()
     return out
 
 
 def cmd_prepare(args) -> None:
-    from train import data
+    from data.importers import prepare
 
-    if args.format == "movielens-100k":
-        cat = data.prepare_movielens_100k(args.src or os.environ.get("TOWERREC_ML100K", DEFAULT_ML100K), args.out)
-    elif args.format == "movielens-latest":
-        if not args.src:
-            raise ValueError("--format movielens-latest needs --src (the folder with ratings.csv and movies.csv)")
-        cat = data.prepare_movielens_latest(args.src, args.out)
-    else:
-        if not args.items or not args.interactions:
-            raise ValueError("--format generic needs --items and --interactions")
-        cat = data.prepare_generic(args.items, args.interactions, args.out, _mapping(args.map),
-                                   args.media_root, args.drop_unknown_items)
+    cat = prepare(args.format, args.out, src=args.src, items=args.items, interactions=args.interactions,
+                  mapping=_mapping(args.map), media_root=args.media_root,
+                  drop_unknown_items=args.drop_unknown_items)
     print(f"catalog {args.out}: {cat.items.height} items, {cat.interactions.height} interactions, "
           f"{cat.interactions['user_id'].n_unique()} users")
 
@@ -49,7 +41,7 @@ def cmd_train(args) -> None:
     from train.loop import train
 
     config = load_config(args.config, args.set)
-    result = train(config, args.catalog, args.run, progress=not args.quiet)
+    result = train(config, args.catalog, args.run, progress=not args.quiet, overwrite=args.overwrite)
     print(json.dumps({"run": str(result.run_dir), "best_epoch": result.best_epoch, "valid": result.valid,
                       "test_retrieval": result.test, "seconds": round(result.seconds, 1)}, indent=2))
 
@@ -65,16 +57,24 @@ def cmd_build_index(args) -> None:
 def cmd_query(args) -> None:
     from index.recommender import Recommender
 
+    history = None
+    if args.history is not None:
+        history = [h.strip() for h in args.history.split(",") if h.strip()]
+        if not history:
+            raise QueryError("--history is empty: give comma-separated item ids, oldest first")
+    if args.k < 1:
+        raise QueryError(f"-k must be at least 1, got {args.k}")
     rec = Recommender.load(args.run, device=args.device)
-    history = args.history.split(",") if args.history else None
     results = rec.recommend(user_id=args.user, history=history, k=args.k,
                             rerank=None if args.rerank is None else args.rerank == "on")
     hist = history if history is not None else rec.history_of(args.user)
     if args.json:
         print(json.dumps([r.__dict__ for r in results], default=str))
         return
-    print(f"history ({len(hist)} items, most recent last):")
-    for item_id, row in zip(hist[-10:], rec._rows(hist[-10:])):
+    shown = hist[-10:]
+    what = f"{len(hist)} items" if len(shown) == len(hist) else f"last {len(shown)} of {len(hist)} items"
+    print(f"history ({what}, most recent last):")
+    for item_id, row in zip(shown, rec._rows(shown)):
         print(f"  {item_id}: {rec.titles[row]}")
     print(f"top-{args.k}:")
     for i, r in enumerate(results, 1):
@@ -85,40 +85,51 @@ def cmd_query(args) -> None:
 def cmd_evaluate(args) -> None:
     from index.evaluate import evaluate
 
+    if args.users < 0:
+        raise QueryError(f"--users must be 0 (all users) or a positive number, got {args.users}")
     out = evaluate(args.run, users=args.users, seed=args.seed, rerank=args.rerank == "on",
-                   progress=not args.quiet)
+                   progress=not args.quiet, catalog_dir=args.catalog)
     print(json.dumps(out, indent=None if args.json else 2))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="towerrec", description=__doc__.splitlines()[0])
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    from data.importers import IMPORTERS
+
+    # -v is accepted before or after the subcommand (a parent parser shared by every subcommand).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log progress at INFO level (also shows transformers' own messages)")
+    p = argparse.ArgumentParser(prog="towerrec", description=__doc__.splitlines()[0], parents=[common])
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("prepare", help="build a catalog (items.parquet + interactions.parquet)")
-    s.add_argument("--format", choices=["generic", "movielens-100k", "movielens-latest"], default="generic")
+    s = sub.add_parser("prepare", parents=[common], help="build a catalog (items.parquet + interactions.parquet)",
+                       description="Formats: " + "; ".join(f"{n}: {imp.description}" for n, imp in IMPORTERS.items()))
+    s.add_argument("--format", choices=sorted(IMPORTERS), default="generic")
     s.add_argument("--src", help="dataset folder for the movielens formats (movielens-100k: default "
                                  "$TOWERREC_ML100K, else ../shared/datasets/movielens-100k-mm)")
     s.add_argument("--items", help="generic: items CSV/Parquet")
     s.add_argument("--interactions", help="generic: interactions CSV/Parquet")
     s.add_argument("--map", action="append", default=[], metavar="SRC=DST",
                    help="generic: rename a source column to a canonical one (repeatable)")
-    s.add_argument("--media-root", help="generic: folder that media paths are relative to")
+    s.add_argument("--media-root", help="generic: folder that media paths are relative to "
+                                        "(default: the items file's folder)")
     s.add_argument("--drop-unknown-items", action="store_true",
                    help="generic: drop interactions whose item is not in the items table instead of failing")
     s.add_argument("--out", required=True, help="catalog folder to write")
     s.set_defaults(func=cmd_prepare)
 
-    s = sub.add_parser("train", help="train both towers and write a run directory")
+    s = sub.add_parser("train", parents=[common], help="train both towers and write a run directory")
     s.add_argument("--config", default="offline", help="setup name (tiny, offline, hub) or a YAML/JSON file")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. train.lr=1e-4 (repeatable)")
     s.add_argument("--catalog", required=True)
     s.add_argument("--run", required=True, help="run directory to write")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("build-index", help="embed the catalog and write a new live FAISS index version")
+    s = sub.add_parser("build-index", parents=[common],
+                       help="embed the catalog and write a new live FAISS index version")
     s.add_argument("--run", required=True)
     s.add_argument("--catalog", help="catalog to index (default: the one the run was trained on)")
     s.add_argument("--factory", help="FAISS index_factory string (default: the config's index.factory)")
@@ -128,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_build_index)
 
-    s = sub.add_parser("query", help="top-k for a known user or a given history")
+    s = sub.add_parser("query", parents=[common], help="top-k for a known user or a given history")
     s.add_argument("--run", required=True)
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--user", help="a user id from the training data")
@@ -139,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_query)
 
-    s = sub.add_parser("evaluate", help="Recall/NDCG/MRR@5/10/20 under the leave-one-out protocol")
+    s = sub.add_parser("evaluate", parents=[common], help="Recall/NDCG/MRR@5/10/20 under the leave-one-out protocol")
     s.add_argument("--run", required=True)
+    s.add_argument("--catalog", help="the training catalog's new location, if it moved (content must match)")
     s.add_argument("--users", type=int, default=0, help="seeded sample of this many users (0 = all)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--rerank", choices=["on", "off"], default="on", help="also score LLM-reranked lists")
@@ -151,31 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (2 for bad input, with one line on stderr)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    verbose = getattr(args, "verbose", False)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:  # keep stderr for our own one-line errors
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        logging.getLogger("root").setLevel(logging.ERROR)
-    from configs import ConfigError
-    from index.recommender import QueryError
-    from index.store import IndexError_
-    from towers.factory import CheckpointError
-    from towers.hub import ModelLoadError
-    from train.data import CatalogError
-    from train.media import MediaError
-
-    user_errors = (CatalogError, ConfigError, QueryError, IndexError_, CheckpointError, ModelLoadError, MediaError,
-                   FileNotFoundError, ValueError)
     try:
         args.func(args)
-    except user_errors as err:
-        print(f"towerrec {args.command}: error: {err}", file=sys.stderr)
+    except TowerrecError as err:
+        message = " ".join(str(err).split("\n"))
+        print(f"towerrec {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -17,11 +17,10 @@ from typing import Any
 
 import yaml
 
+from errors import ConfigError
+
 CONFIG_DIR = Path(__file__).resolve().parent
 
-
-class ConfigError(ValueError):
-    """A config file or override that does not match the schema."""
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,12 @@
 """End-to-end evaluation of a served run under the published protocol (leave-one-out, full ranking).
 
 Each user's history is everything but the held-out test item; candidates are retrieved from the live index,
-restricted to the items of the k-core split and with the history excluded, then optionally reranked.
+restricted to the items of the k-core split and with the history excluded (the target never is: see
+:func:`data.protocol.held_out`, which the training loop uses too), then optionally reranked.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -14,10 +14,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from data.protocol import held_out, list_rank, ranking_metrics, split_catalog
+from data.rundir import RunDir
+from errors import QueryError
 from index.recommender import Recommender
-from train.data import load_catalog
-from train.loop import split_catalog
-from train.metrics import ranking_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,8 @@ KS = (5, 10, 20)
 
 
 def evaluate(run_dir: str | Path, users: int = 0, seed: int = 0, rerank: bool = True, batch_size: int = 64,
-             progress: bool = True, recommender: Recommender | None = None) -> dict:
+             progress: bool = True, recommender: Recommender | None = None,
+             catalog_dir: str | Path | None = None) -> dict:
     """Recall/NDCG/MRR at 5, 10 and 20, with and without LLM rerank.
 
     Args:
@@ -33,34 +34,41 @@ def evaluate(run_dir: str | Path, users: int = 0, seed: int = 0, rerank: bool = 
         users: evaluate a seeded random sample of this many users (0 = all users).
         seed: seed of that sample.
         rerank: also score the reranked lists.
+        catalog_dir: where the training catalog is now, if it moved (its content must be unchanged).
     """
-    run_dir = Path(run_dir)
-    rec = recommender or Recommender.load(run_dir)
-    info = json.loads((run_dir / "catalog.json").read_text())
-    catalog = load_catalog(info["path"])
+    if isinstance(users, bool) or not isinstance(users, int) or users < 0:
+        raise QueryError(f"--users must be 0 (all users) or a positive number, got {users!r}")
+    if batch_size < 1:
+        raise QueryError(f"batch_size must be at least 1, got {batch_size}")
+    run = RunDir(run_dir).require()
+    catalog = run.load_catalog(catalog_dir)  # refuses a catalog that changed since training
+    rec = recommender or Recommender.load(run.path)
     split = split_catalog(rec.config, catalog)
     chosen = list(range(split.num_users))
     if users and users < len(chosen):
         chosen = sorted(random.Random(seed).sample(chosen, users))
     allowed = split.item_ids
     depth = max(KS)
+    n_cand = max(depth, rec.config.rerank.candidates)
     ranks = {"retrieval": [], "reranked": []}
     timings = {"retrieval": 0.0, "reranked": 0.0}
     for start in tqdm(range(0, len(chosen), batch_size), desc="evaluating", disable=not progress):
-        idx = chosen[start:start + batch_size]
-        histories = [[split.item_ids[j] for j in split.sequences[u][:-1]] for u in idx]
-        targets = [split.item_ids[split.test_target(u)] for u in idx]
+        held = [held_out(split, u, "test") for u in chosen[start:start + batch_size]]
+        targets = [split.item_ids[t] for t, _, _ in held]
+        histories = [[split.item_ids[j] for j in h] for _, h, _ in held]
+        excluded = [[split.item_ids[j] for j in ex] for _, _, ex in held]
         t0 = time.time()
-        n_cand = max(depth, rec.config.rerank.candidates)
-        lists = rec.recommend_batch(histories=histories, k=n_cand, rerank=False, allowed=allowed)
+        lists = rec.recommend_batch(histories=histories, k=n_cand, rerank=False, allowed=allowed,
+                                    exclude_seen=False, exclude=excluded)
         timings["retrieval"] += time.time() - t0
         for h, recs, target in zip(histories, lists, targets):
-            ranks["retrieval"].append(_rank([r.item_id for r in recs[:depth]], target, depth))
+            ranks["retrieval"].append(list_rank([r.item_id for r in recs], target, depth))
             if rerank:
                 t0 = time.time()
-                reranked = rec.rerank(h, recs[: rec.config.rerank.candidates]) + recs[rec.config.rerank.candidates:]
+                top = rec.config.rerank.candidates
+                reranked = rec.rerank(h, recs[:top]) + recs[top:]
                 timings["reranked"] += time.time() - t0
-                ranks["reranked"].append(_rank([r.item_id for r in reranked[:depth]], target, depth))
+                ranks["reranked"].append(list_rank([r.item_id for r in reranked], target, depth))
     out = {"users": len(chosen), "items": split.num_items, "protocol": "5-core leave-one-out, full ranking",
            "rerank_candidates": rec.config.rerank.candidates, "rerank_weight": rec.config.rerank.weight}
     for name, r in ranks.items():
@@ -68,8 +76,3 @@ def evaluate(run_dir: str | Path, users: int = 0, seed: int = 0, rerank: bool = 
             out[name] = {k: round(v, 4) for k, v in ranking_metrics(r, KS).items()}
             out[name]["seconds"] = round(timings[name], 1)
     return out
-
-
-def _rank(ids: list, target, depth: int) -> int:
-    """0-based position of ``target`` in a ranked list, or ``depth`` (a miss at every cut-off) if absent."""
-    return ids.index(target) if target in ids else depth

@@ -7,6 +7,7 @@ FAISS index (already-seen items excluded), and optionally reranks the top candid
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,17 +17,17 @@ import numpy as np
 import polars as pl
 import torch
 
+from data.ids import ItemSpace
+from data.items import pad_batch
+from data.profiles import profile_builder
+from data.rundir import RunDir
+from errors import QueryError
 from index.store import live_version, read_version
+from towers.device import resolve_device
 from towers.factory import TwoTower, item_fingerprint, load_towers
 from towers.hub import load_tokenizer
-from towers.user import pad_batch
-from train.loop import profile_builder, resolve_device
 
 logger = logging.getLogger(__name__)
-
-
-class QueryError(ValueError):
-    """A query that cannot be answered: unknown user or item id, empty history, bad k."""
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,8 @@ class Recommender:
         self.item_ids = items["item_id"].to_list()
         self.titles = items["title"].to_list()
         self.faiss_ids = items["faiss_id"].to_numpy()
-        self.row_of = {item_id: r for r, item_id in enumerate(self.item_ids)}
-        self.row_of_faiss = {int(f): r for r, f in enumerate(self.faiss_ids)}
+        self.index_items = ItemSpace(self.item_ids, f"index {version.name}")  # item id -> index-table row
+        self.faiss_rows = ItemSpace(self.faiss_ids.tolist(), "faiss ids")  # faiss id -> index-table row
         self.int_ids = items["item_id"].dtype.is_integer()
         self.tokenizer = load_tokenizer(self.config.user.model)
         self.builder = profile_builder(self.config, items, self.tokenizer)
@@ -59,16 +60,21 @@ class Recommender:
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str = "auto", version: str | None = None) -> Recommender:
-        """Load towers, the live (or named) index version and the users' histories from ``run_dir``."""
-        run_dir = Path(run_dir)
+        """Load towers, the live (or named) index version and the users' histories from ``run_dir``.
+
+        The run is self-contained: the training catalog is not read. Where it is still at its recorded path
+        but its content changed since training, a warning says so (the served histories are the ones the run
+        was trained on); ``evaluate`` refuses such a catalog outright.
+        """
+        run = RunDir(run_dir).require()
         dev = resolve_device(device)
-        model = load_towers(run_dir, dev)
-        folder = run_dir / "index" / version if version else live_version(run_dir / "index")
+        model = load_towers(run, dev)
+        folder = run.index_root / version if version else live_version(run.index_root)
         index, items, _ = read_version(folder, item_fingerprint(model), model.config.dim)
-        hist = pl.read_parquet(run_dir / "histories.parquet").sort(["user_id", "position"])
-        grouped = hist.group_by("user_id", maintain_order=True).agg(pl.col("item_id"))
-        histories = dict(zip(grouped["user_id"].to_list(), grouped["item_id"].to_list()))
-        return cls(run_dir, model, index, items, histories, dev, folder)
+        if run.catalog_changed():
+            logger.warning("the catalog %s changed since run %s was trained; serving the run's own histories "
+                           "(retrain to learn from the new data)", run.catalog_ref()["path"], run.path)
+        return cls(run.path, model, index, items, run.read_histories(), dev, folder)
 
     @property
     def reranker(self):
@@ -80,25 +86,29 @@ class Recommender:
         return self._reranker
 
     # -- id handling ---------------------------------------------------------------------------------------
-    def _key(self, item_id):
-        if item_id in self.row_of:
-            return item_id
-        try:  # "42" for an integer catalog, 42 for a string one
-            alt = int(item_id) if self.int_ids else str(item_id)
-        except (TypeError, ValueError):
-            alt = None
-        if alt in self.row_of:
-            return alt
-        raise QueryError(f"unknown item_id {item_id!r}: not in the catalog of index {self.version.name}")
+    def _key(self, item_id, where: str = ""):
+        """The catalog's own form of an item id: ``"42"`` finds integer item 42, ``42`` finds string item "42".
 
-    def _rows(self, item_ids: Iterable) -> list[int]:
-        """Index-table rows of item ids (a clear error for any unknown id)."""
-        return [self.row_of[self._key(i)] for i in item_ids]
+        Only ints and strings are ids: ``True``, ``50.7`` or ``None`` are refused rather than coerced.
+        """
+        _check_id_type(item_id, f"item_id in {where}" if where else "item_id")
+        if item_id in self.index_items:
+            return item_id
+        alt = _as_int(item_id) if self.int_ids else str(item_id)
+        if alt is not None and alt in self.index_items:
+            return alt
+        where = f" in {where}" if where else ""
+        raise QueryError(f"unknown item_id {item_id!r}{where}: not in the catalog of index {self.version.name}")
+
+    def _rows(self, item_ids: Iterable, where: str = "") -> list[int]:
+        """Index-table rows of item ids (a clear error for any unknown or mistyped id)."""
+        return [self.index_items.row(self._key(i, where)) for i in _id_list(item_ids, where or "item ids")]
 
     def history_of(self, user_id) -> list:
         """The user's known history (item ids, oldest first)."""
-        for key in (user_id, _try_int(user_id), str(user_id)):
-            if key in self.histories:
+        _check_id_type(user_id, "user_id")
+        for key in (user_id, _as_int(user_id), str(user_id)):
+            if key is not None and key in self.histories:
                 return list(self.histories[key])
         raise QueryError(f"unknown user_id {user_id!r}; pass history=[item ids] for a new user")
 
@@ -108,9 +118,10 @@ class Recommender:
         """``(B, D)`` user embeddings for chronological histories of item ids."""
         prompts = []
         for h in histories:
-            if len(h) == 0:
+            rows = self._rows(h, "history")
+            if not rows:
                 raise QueryError("empty history: give at least one item id")
-            prompts.append(self.builder.build(self._rows(h)).input_ids)
+            prompts.append(self.builder.build(rows).input_ids)
         out = []
         bs = self.config.user.batch_size
         for start in range(0, len(prompts), bs):
@@ -120,33 +131,54 @@ class Recommender:
         return np.concatenate(out)
 
     def recommend(self, user_id=None, history: Sequence | None = None, k: int = 10, rerank: bool | None = None,
-                  exclude_seen: bool = True, allowed: Iterable | None = None) -> list[Recommendation]:
-        """Top-``k`` for a known user (``user_id``) or a new one (``history``, oldest first).
+                  exclude_seen: bool = True, allowed: Iterable | None = None,
+                  exclude: Iterable | None = None) -> list[Recommendation]:
+        """Top-``k`` for a known user (``user_id``) or a new one (``history``: a list of item ids, oldest first).
 
-        Items in the history are excluded unless ``exclude_seen=False``. ``allowed`` restricts results to
-        the given item ids. ``rerank`` defaults to the config's ``rerank.enabled``.
+        Items in the history are excluded unless ``exclude_seen=False``; ``exclude`` removes further item ids.
+        ``allowed`` restricts results to the given item ids. ``rerank`` defaults to the config's
+        ``rerank.enabled``.
         """
-        if (user_id is None) == (history is None):
-            raise QueryError("give exactly one of user_id or history")
+        if user_id is None and history is None:
+            raise QueryError("give a user_id (a known user) or a history (item ids, oldest first)")
+        if user_id is not None and history is not None:
+            raise QueryError("give either user_id or history, not both")
         return self.recommend_batch(
             user_ids=None if user_id is None else [user_id], histories=None if history is None else [history],
             k=k, rerank=rerank, exclude_seen=exclude_seen, allowed=allowed,
+            exclude=None if exclude is None else [exclude],
         )[0]
 
     def recommend_batch(self, user_ids: Sequence | None = None, histories: Sequence[Sequence] | None = None,
                         k: int = 10, rerank: bool | None = None, exclude_seen: bool = True,
-                        allowed: Iterable | None = None) -> list[list[Recommendation]]:
-        """Batch form of :meth:`recommend`: one result list per user or history."""
+                        allowed: Iterable | None = None,
+                        exclude: Sequence[Iterable] | None = None) -> list[list[Recommendation]]:
+        """Batch form of :meth:`recommend`: one result list per user or history (``exclude``: one per user)."""
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+            raise QueryError(f"k must be an integer, got {type(k).__name__} {k!r}")
         if k < 1:
             raise QueryError(f"k must be at least 1, got {k}")
         if (user_ids is None) == (histories is None):
             raise QueryError("give exactly one of user_ids or histories")
         if histories is None:
+            user_ids = _id_list(user_ids, "user_ids")
+            if not user_ids:
+                raise QueryError("user_ids is empty: give at least one user id")
             histories = [self.history_of(u) for u in user_ids]
-        rerank = self.config.rerank.enabled if rerank is None else rerank
+        else:
+            if isinstance(histories, (str, bytes)) or not isinstance(histories, Sequence):
+                raise QueryError(f"histories must be a list of histories, got {type(histories).__name__}")
+            if not histories:
+                raise QueryError("histories is empty: give at least one history")
+            histories = [_id_list(h, "history") for h in histories]
+        if exclude is not None and len(exclude) != len(histories):
+            raise QueryError(f"exclude has {len(exclude)} entries for {len(histories)} users")
+        rerank = self.config.rerank.enabled if rerank is None else bool(rerank)
         users = self.embed_histories(histories)
         n_cand = max(k, self.config.rerank.candidates) if rerank else k
         seen = [set(self._rows(h)) if exclude_seen else set() for h in histories]
+        if exclude is not None:
+            seen = [s | set(self._rows(ex, "exclude")) for s, ex in zip(seen, exclude)]
         candidates = self._search(users, n_cand, seen, allowed)
         results = []
         for h, (rows, scores) in zip(histories, candidates):
@@ -171,7 +203,7 @@ class Recommender:
         """Top-``n`` (rows, scores) per user, with seen rows removed; over-fetches by the largest history."""
         params = None
         if allowed is not None:
-            allowed_ids = self.faiss_ids[self._rows(allowed)].astype(np.int64)
+            allowed_ids = self.faiss_ids[self._rows(allowed, "allowed")].astype(np.int64)
             params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed_ids))
         fetch = min(self.index.ntotal, n + max((len(s) for s in seen), default=0))
         scores, ids = self.index.search(np.ascontiguousarray(users, dtype=np.float32), fetch, params=params)
@@ -181,7 +213,7 @@ class Recommender:
             for f, s in zip(ids[u], scores[u]):
                 if f < 0:
                     continue
-                r = self.row_of_faiss[int(f)]
+                r = self.faiss_rows.row(int(f))
                 if r in seen[u]:
                     continue
                 rows.append(r)
@@ -192,8 +224,24 @@ class Recommender:
         return out
 
 
-def _try_int(x):
-    try:
-        return int(x)
-    except (TypeError, ValueError):
-        return x
+def _check_id_type(value, what: str) -> None:
+    """Ids are ints or strings; bools, floats and anything else are refused, never coerced."""
+    if isinstance(value, bool) or not isinstance(value, (str, numbers.Integral)):
+        raise QueryError(f"{what} {value!r} has type {type(value).__name__}; ids are integers or strings")
+
+
+def _as_int(value) -> int | None:
+    """``value`` as an int if it is an int or a canonical integer string (``"42"``, not ``"042"`` or ``"4.0"``)."""
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    text = str(value).strip()
+    if text.lstrip("-").isdigit() and str(int(text)) == text:
+        return int(text)
+    return None
+
+
+def _id_list(ids, what: str) -> list:
+    """A list of ids from a list/tuple/array; a bare string (``"12"``) is refused, not read as ``["1", "2"]``."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise QueryError(f"{what} must be a list of ids, got {type(ids).__name__} {ids!r}")
+    return list(ids.tolist() if isinstance(ids, np.ndarray) else ids)

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -29,13 +28,13 @@ import faiss
 import numpy as np
 import polars as pl
 
+from data.atomic import temp_dir, write_text
+from data.rundir import RunDir
+from errors import IndexStateError
+
 logger = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
-
-
-class IndexError_(RuntimeError):
-    """An index that is missing, corrupt or built for other towers."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,7 @@ class Manifest:
             data = json.loads(path.read_text())
             return cls(**data)
         except (OSError, json.JSONDecodeError, TypeError) as err:
-            raise IndexError_(f"{path}: unreadable index manifest ({err})") from None
+            raise IndexStateError(f"{path}: unreadable index manifest ({err})") from None
 
 
 def build_faiss(vectors: np.ndarray, ids: np.ndarray, factory: str = "Flat", nprobe: int = 16,
@@ -68,14 +67,47 @@ def build_faiss(vectors: np.ndarray, ids: np.ndarray, factory: str = "Flat", npr
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     assert vectors.ndim == 2 and ids.shape == (vectors.shape[0],), (vectors.shape, ids.shape)
     if not np.isfinite(vectors).all():
-        raise ValueError("item embeddings contain NaN or inf")
-    base = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+        raise IndexStateError("item embeddings contain NaN or inf; the item tower's weights are broken")
+    try:
+        base = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        raise IndexStateError(f"bad FAISS factory string {factory!r} for dimension {vectors.shape[1]}: "
+                              f"{_faiss_message(err)}") from None
     if not base.is_trained:
-        base.train(vectors)
+        need = _min_training_points(base)
+        if len(vectors) < need:
+            raise IndexStateError(f"FAISS factory {factory!r} needs at least {need} items to train, the catalog "
+                                  f"has {len(vectors)}; use a smaller one (e.g. 'Flat' or 'IVF{max(1, len(vectors) // 39)},Flat')")
+        try:
+            base.train(vectors)
+        except RuntimeError as err:
+            raise IndexStateError(f"FAISS factory {factory!r} cannot be trained on {len(vectors)} items: "
+                                  f"{_faiss_message(err)}") from None
     index = faiss.IndexIDMap2(base)
     index.add_with_ids(vectors, ids)
     set_search_params(index, nprobe, ef_search)
     return index
+
+
+def _faiss_message(err: Exception) -> str:
+    """The useful line of a FAISS C++ exception (they carry a stack of file and line details)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith("Error"):
+            return ln
+    return lines[-1] if lines else type(err).__name__
+
+
+def _min_training_points(index: faiss.Index) -> int:
+    """The fewest vectors an untrained index can be trained on (one per IVF list / PQ centroid)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    need = 1
+    if ivf is not None:
+        need = max(need, int(ivf.nlist))
+    pq = getattr(faiss.downcast_index(index), "pq", None)
+    if pq is not None:
+        need = max(need, 1 << int(pq.nbits))
+    return need
 
 
 def set_search_params(index: faiss.Index, nprobe: int, ef_search: int) -> None:
@@ -91,15 +123,14 @@ def set_search_params(index: faiss.Index, nprobe: int, ef_search: int) -> None:
 def write_version(index_root: Path, index: faiss.Index, items: pl.DataFrame, manifest: Manifest,
                   make_live: bool = True) -> Path:
     """Write a complete version folder atomically, then (optionally) point ``LIVE`` at it."""
-    index_root.mkdir(parents=True, exist_ok=True)
     if items.height != manifest.count or index.ntotal != manifest.count:
-        raise ValueError(f"index has {index.ntotal} vectors, items table {items.height}, manifest {manifest.count}")
+        raise IndexStateError(f"index has {index.ntotal} vectors, items table {items.height}, manifest {manifest.count}")
     name = time.strftime("v%Y%m%d-%H%M%S", time.gmtime()) + f"-{uuid.uuid4().hex[:6]}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=index_root))
+    tmp = temp_dir(index_root, f".{name}-")
     try:
-        faiss.write_index(index, str(tmp / "index.faiss"))
-        items.write_parquet(tmp / "items.parquet")
-        (tmp / "manifest.json").write_text(json.dumps(asdict(manifest), indent=2))
+        faiss.write_index(index, str(tmp / RunDir.INDEX_FILE))
+        items.write_parquet(tmp / RunDir.INDEX_ITEMS)
+        (tmp / RunDir.MANIFEST).write_text(json.dumps(asdict(manifest), indent=2))
         os.replace(tmp, index_root / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -111,40 +142,40 @@ def write_version(index_root: Path, index: faiss.Index, items: pl.DataFrame, man
 
 def set_live(index_root: Path, name: str) -> None:
     """Atomically point ``LIVE`` at version ``name`` (which must exist and be complete)."""
-    if not (index_root / name / "manifest.json").is_file():
-        raise IndexError_(f"{index_root / name}: not a complete index version")
-    tmp = index_root / f".LIVE.{uuid.uuid4().hex}"
-    tmp.write_text(name + "\n")
-    os.replace(tmp, index_root / "LIVE")
+    if not (index_root / name / RunDir.MANIFEST).is_file():
+        raise IndexStateError(f"{index_root / name}: not a complete index version")
+    write_text(index_root / RunDir.LIVE, name + "\n")
 
 
 def live_version(index_root: Path) -> Path:
     """The folder ``LIVE`` points at."""
-    pointer = index_root / "LIVE"
+    pointer = index_root / RunDir.LIVE
     if not pointer.is_file():
-        raise IndexError_(f"{index_root}: no index built yet (run `towerrec build-index`)")
+        raise IndexStateError(f"{index_root}: no index built yet (run `towerrec build-index`)")
     folder = index_root / pointer.read_text().strip()
-    if not (folder / "manifest.json").is_file():
-        raise IndexError_(f"{pointer} points at {folder.name}, which is missing or incomplete")
+    if not (folder / RunDir.MANIFEST).is_file():
+        raise IndexStateError(f"{pointer} points at {folder.name}, which is missing or incomplete")
     return folder
 
 
 def read_version(folder: Path, expect_fingerprint: str | None = None, expect_dim: int | None = None):
     """Load ``(index, items, manifest)`` from a version folder, refusing a mismatch with the towers."""
-    manifest = Manifest.read(folder / "manifest.json")
+    if not (folder / RunDir.MANIFEST).is_file():
+        raise IndexStateError(f"{folder}: no such index version (see the folders in {folder.parent})")
+    manifest = Manifest.read(folder / RunDir.MANIFEST)
     if expect_fingerprint is not None and manifest.fingerprint != expect_fingerprint:
-        raise IndexError_(
+        raise IndexStateError(
             f"{folder}: index was built with item-tower fingerprint {manifest.fingerprint[:12]}, the loaded towers "
             f"have {expect_fingerprint[:12]}; rebuild it with `towerrec build-index`"
         )
     if expect_dim is not None and manifest.dim != expect_dim:
-        raise IndexError_(f"{folder}: index dimension {manifest.dim} does not match the towers' dimension {expect_dim}")
+        raise IndexStateError(f"{folder}: index dimension {manifest.dim} does not match the towers' dimension {expect_dim}")
     try:
-        index = faiss.read_index(str(folder / "index.faiss"))
-        items = pl.read_parquet(folder / "items.parquet")
+        index = faiss.read_index(str(folder / RunDir.INDEX_FILE))
+        items = pl.read_parquet(folder / RunDir.INDEX_ITEMS)
     except (RuntimeError, OSError, pl.exceptions.PolarsError) as err:
-        raise IndexError_(f"{folder}: cannot read index files ({str(err).splitlines()[0]})") from None
+        raise IndexStateError(f"{folder}: cannot read index files ({str(err).splitlines()[0]})") from None
     if index.ntotal != manifest.count or items.height != manifest.count or index.d != manifest.dim:
-        raise IndexError_(f"{folder}: index holds {index.ntotal} vectors of dim {index.d}, items table "
+        raise IndexStateError(f"{folder}: index holds {index.ntotal} vectors of dim {index.d}, items table "
                           f"{items.height}, manifest says {manifest.count} of dim {manifest.dim}")
     return index, items, manifest

@@ -120,7 +120,7 @@ def _tiny_catalog_tables(ml100k: Path, audio_dir: Path):
 @pytest.fixture(scope="session")
 def tiny_catalog(ml100k_dir: Path, shared_datasets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Catalog folder: 150 real ML-100K movies, 60 users, text + posters (some withheld) + 4 audio clips."""
-    from train.data import write_catalog
+    from data.catalog import write_catalog
 
     audio_dir = shared_datasets / "audio-clips"
     if not all((audio_dir / clip).is_file() for clip in TINY_AUDIO_CLIPS):

@@ -55,7 +55,7 @@ def test_prepare_missing_column_is_one_line(tmp_path: Path, capsys: pytest.Captu
 
 def test_prepare_generic_needs_both_tables(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["prepare", "--items", str(tmp_path / "x.csv"), "--out", str(tmp_path / "c")]) == 2
-    assert "needs --items and --interactions" in _error_line(capsys, "prepare")
+    assert "--format generic needs --interactions" in _error_line(capsys, "prepare")
 
 
 def test_train_unknown_override(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -105,7 +105,7 @@ def test_query_unknown_user_stderr_is_one_line(tiny_run: Path, capsys: pytest.Ca
 
 def test_query_missing_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["query", "--run", str(tmp_path / "nope"), "--user", "1"]) == 2
-    assert "towerrec run directory" in _error_line(capsys, "query")
+    assert "run directory not found" in _error_line(capsys, "query")
 
 
 def test_query_json(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:

@@ -1,6 +1,7 @@
 """Build both towers from a config, save them to a run directory and load them back.
 
-A checkpoint is ``config.json`` (the exact :class:`configs.Config`) plus ``towers.safetensors``. Frozen
+A checkpoint is the run's config (the exact :class:`configs.Config`) plus its safetensors weights; the file
+names belong to :class:`data.rundir.RunDir`. Frozen
 pretrained backbones are not copied into the checkpoint: they are reloaded from the model reference in the
 config, and the item-tower fingerprint (a hash over *all* item-tower weights, frozen ones included, and its
 config) catches any drift between the weights an index was built with and the weights being served.
@@ -13,20 +14,21 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from configs import Config, config_from_dict
+from configs import Config
+from data.atomic import write_text
+from data.catalog import Catalog
+from data.items import ItemDataset
+from data.rundir import RunDir
+from errors import CheckpointError
+from towers.hub import load_tokenizer
 from towers.item import ItemTower
 from towers.user import UserTower
-
-CHECKPOINT = "towers.safetensors"
-CONFIG = "config.json"
-
-
-class CheckpointError(RuntimeError):
-    """A run directory whose checkpoint does not match its config."""
 
 
 class TwoTower(nn.Module):
@@ -68,50 +70,58 @@ def item_fingerprint(model: TwoTower) -> str:
     return h.hexdigest()
 
 
-def save_towers(model: TwoTower, run_dir: str | Path, extra: dict | None = None) -> None:
-    """Write ``config.json`` and ``towers.safetensors`` (trainable weights) into ``run_dir``, atomically."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    frozen = tuple(model.frozen_prefixes())
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith(frozen)}
+def save_towers(model: TwoTower, run_dir: str | Path | RunDir, extra: dict | None = None) -> None:
+    """Write the config and the trainable weights into ``run_dir``, each file atomically."""
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    run.path.mkdir(parents=True, exist_ok=True)
+    state = trainable_state(model)
     meta = {"num_ids": str(model.item.num_ids), **{k: str(v) for k, v in (extra or {}).items()}}
-    tmp = run_dir / f".{CHECKPOINT}.tmp"
+    tmp = run.path / f".{run.WEIGHTS}.tmp"
     save_file(state, str(tmp), metadata=meta)
-    tmp.replace(run_dir / CHECKPOINT)
-    tmp = run_dir / f".{CONFIG}.tmp"
-    tmp.write_text(model.config.to_json())
-    tmp.replace(run_dir / CONFIG)
+    tmp.replace(run.weights_path)
+    write_text(run.config_path, model.config.to_json())
 
 
-def load_config_from_run(run_dir: str | Path) -> Config:
+def trainable_state(model: TwoTower) -> dict[str, torch.Tensor]:
+    """The state dict without frozen pretrained backbones (those reload from their model reference)."""
+    frozen = tuple(model.frozen_prefixes())
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith(frozen)}
+
+
+def load_config_from_run(run_dir: str | Path | RunDir) -> Config:
     """The exact config a run was trained with."""
-    path = Path(run_dir) / CONFIG
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not found; is {run_dir} a towerrec run directory?")
-    return config_from_dict(json.loads(path.read_text()))
+    return (run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)).read_config()
 
 
-def load_towers(run_dir: str | Path, device: str | torch.device = "cpu") -> TwoTower:
-    """Rebuild the towers from ``config.json`` and load ``towers.safetensors``; refuses any key mismatch."""
-    run_dir = Path(run_dir)
-    config = load_config_from_run(run_dir)
-    ckpt = run_dir / CHECKPOINT
-    if not ckpt.is_file():
-        raise CheckpointError(f"{ckpt}: not found")
-    from safetensors import safe_open
-
-    with safe_open(str(ckpt), framework="pt") as f:
-        num_ids = int((f.metadata() or {}).get("num_ids", 0))
+def load_towers(run_dir: str | Path | RunDir, device: str | torch.device = "cpu") -> TwoTower:
+    """Rebuild the towers from the run's config and load its weights; refuses any key or shape mismatch."""
+    run = (run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)).require()
+    config = run.read_config()
+    ckpt = run.weights_path
+    try:
+        with safe_open(str(ckpt), framework="pt") as f:
+            num_ids = int((f.metadata() or {}).get("num_ids", 0))
+        state = load_file(str(ckpt))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{ckpt}: unreadable or truncated weights ({err}); retrain the run") from None
     model = build_towers(config, num_ids=num_ids)
-    state = load_file(str(ckpt))
     frozen = tuple(model.frozen_prefixes())
     expected = {k for k in model.state_dict() if not k.startswith(frozen)}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise CheckpointError(f"{ckpt}: does not match {run_dir / CONFIG} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise CheckpointError(f"{ckpt}: does not match {run.config_path} (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
     for k, v in state.items():
         want = model.state_dict()[k].shape
         if v.shape != want:
             raise CheckpointError(f"{ckpt}: tensor {k!r} has shape {tuple(v.shape)}, config expects {tuple(want)}")
     model.load_state_dict(state, strict=False)
     return model.to(device).eval()
+
+
+def make_item_dataset(catalog: Catalog, model: TwoTower, id_rows: np.ndarray | None = None) -> ItemDataset:
+    """An :class:`ItemDataset` wired to the model's text tokenizer and image normalisation."""
+    cfg = model.config
+    tokenizer = load_tokenizer(cfg.item.text.model) if cfg.item.text.enabled else None
+    norm = (model.item.image.image_mean, model.item.image.image_std) if model.item.image is not None else None
+    return ItemDataset(catalog, cfg, tokenizer, norm, id_rows)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from errors import CatalogError, ConfigError
+
 
 class ModalityFusion(nn.Module):
     """Projects each modality to ``D`` and combines the present ones with masked, learned gates.
@@ -17,9 +19,9 @@ class ModalityFusion(nn.Module):
     def __init__(self, feature_dims: dict[str, int], dim: int, mode: str = "gated"):
         super().__init__()
         if mode not in ("gated", "mean"):
-            raise ValueError(f"unknown fusion {mode!r}; choose 'gated' or 'mean'")
+            raise ConfigError(f"unknown fusion {mode!r}; choose 'gated' or 'mean'")
         if not feature_dims:
-            raise ValueError("the item tower needs at least one modality")
+            raise ConfigError("the item tower needs at least one modality: enable item.text, item.image, item.audio or item.id_embedding")
         self.mode = mode
         self.modalities = list(feature_dims)
         self.proj = nn.ModuleDict({
@@ -42,6 +44,6 @@ class ModalityFusion(nn.Module):
         present_mask = torch.stack(present, 1)  # (B, M)
         empty = ~present_mask.any(1)
         if empty.any():
-            raise ValueError(f"{int(empty.sum())} item(s) in the batch have no modality present")
+            raise CatalogError(f"{int(empty.sum())} item(s) in the batch have no modality present")
         w = torch.stack(logits, 1).masked_fill(~present_mask, float("-inf")).softmax(1)  # (B, M)
         return F.normalize((w.unsqueeze(-1) * z).sum(1), dim=-1)  # (B, D)

@@ -14,6 +14,7 @@ The cache lives in ``$TOWERREC_CACHE`` (default ``~/.cache/towerrec``).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -21,11 +22,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from errors import ModelLoadError
+
 logger = logging.getLogger(__name__)
-
-
-class ModelLoadError(RuntimeError):
-    """A model reference that cannot be resolved to loadable weights."""
 
 
 def cache_dir() -> Path:
@@ -137,11 +136,45 @@ def resolve_model(ref: str) -> str:
     return ref  # hub name
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """Silence transformers' load reports and progress bars unless logging was turned up to INFO.
+
+    The CLI and the Python API stay equally quiet: ``logging.basicConfig(level=logging.INFO)`` (or ``-v``)
+    brings the messages back.
+    """
+    if logging.getLogger().getEffectiveLevel() <= logging.INFO or logger.getEffectiveLevel() <= logging.INFO:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_pretrained(cls, ref: str, **kwargs):
+    """``cls.from_pretrained`` on a model reference; a missing or unreachable model is one :class:`ModelLoadError`."""
+    path = resolve_model(ref)
+    try:
+        with quiet_loading():
+            return cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"cannot load model {ref!r} ({first})") from None
+
+
 def load_tokenizer(ref: str):
     """AutoTokenizer for a model reference, with a pad token guaranteed."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(ref))
+    tokenizer = load_pretrained(AutoTokenizer, ref)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

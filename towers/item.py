@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from configs import ItemTowerConfig
+from errors import CheckpointError
 from towers.audio import AudioEncoder
 from towers.fusion import ModalityFusion
 from towers.image import ImageEncoder
@@ -75,7 +76,7 @@ class ItemTower(nn.Module):
         for name, f in feats.items():
             expected = self.fusion.proj[name][0].normalized_shape[0]
             if f.shape[-1] != expected:
-                raise ValueError(f"{name} features have dimension {f.shape[-1]}, the item tower expects {expected}")
+                raise CheckpointError(f"{name} features have dimension {f.shape[-1]}, the item tower expects {expected}")
         return feats, masks
 
     def encode_items(self, batch: dict[str, torch.Tensor], modality_dropout: float = 0.0) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from configs import TextEncoderConfig
-from towers.hub import resolve_model
+from towers.hub import load_pretrained
 
 
 class TextEncoder(nn.Module):
@@ -21,7 +21,7 @@ class TextEncoder(nn.Module):
         from transformers import AutoModel
 
         self.cfg = cfg
-        self.backbone = AutoModel.from_pretrained(resolve_model(cfg.model))
+        self.backbone = load_pretrained(AutoModel, cfg.model)
         self.feature_dim = int(self.backbone.config.hidden_size)
         if not cfg.trainable:
             self.backbone.requires_grad_(False)

@@ -12,18 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from configs import UserTowerConfig
-from towers.hub import resolve_model
-
-
-def pad_batch(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token id lists to ``(B, T)`` ids and attention mask."""
-    t = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), t), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), t), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
+from data.items import pad_batch  # noqa: F401  (re-exported: the reranker pads prompts the same way)
+from errors import ConfigError
+from towers.hub import load_pretrained
 
 
 class UserHead(nn.Module):
@@ -46,9 +37,9 @@ def _truncate(llm: nn.Module, layers: int) -> None:
     """Keep the first ``layers`` decoder layers and drop the final norm (the head normalises instead)."""
     blocks = getattr(llm, "layers", None)
     if not isinstance(blocks, nn.ModuleList) or not hasattr(llm, "norm"):
-        raise ValueError(f"user.layer is not supported for {type(llm).__name__} (no .layers/.norm)")
+        raise ConfigError(f"user.layer is not supported for {type(llm).__name__} (no .layers/.norm)")
     if not 0 < layers <= len(blocks):
-        raise ValueError(f"user.layer={layers} but the LLM has {len(blocks)} layers")
+        raise ConfigError(f"user.layer={layers} but the LLM has {len(blocks)} layers")
     llm.layers = blocks[:layers]
     llm.config.num_hidden_layers = layers
     llm.norm = nn.Identity()
@@ -62,10 +53,10 @@ class UserTower(nn.Module):
         from transformers import AutoModel
 
         if cfg.pooling not in ("last", "mean"):
-            raise ValueError(f"unknown user.pooling {cfg.pooling!r}; choose 'last' or 'mean'")
+            raise ConfigError(f"unknown user.pooling {cfg.pooling!r}; choose 'last' or 'mean'")
         self.cfg = cfg
         self.dim = dim
-        self.llm = AutoModel.from_pretrained(resolve_model(cfg.model))
+        self.llm = load_pretrained(AutoModel, cfg.model)
         if cfg.layer:
             _truncate(self.llm, cfg.layer)
         text_cfg = getattr(self.llm.config, "text_config", None) or self.llm.config

@@ -10,7 +10,6 @@ cached; otherwise they are recomputed with gradients each step.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -18,56 +17,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from configs import Config
-from towers.factory import CHECKPOINT, TwoTower, build_towers, save_towers
+from data.catalog import Catalog, load_catalog
+from data.ids import ItemSpace
+from data.items import collate_items, pad_batch, to_device
+from data.profiles import ProfileBuilder, profile_builder
+from data.protocol import Split, held_out, ranking_metrics, split_catalog, target_ranks
+from data.rundir import RunDir
+from errors import CatalogError
+from towers.device import resolve_device
+from towers.factory import TwoTower, build_towers, make_item_dataset, save_towers, trainable_state
 from towers.hub import load_tokenizer
-from towers.user import pad_batch
-from train.data import Catalog, catalog_sha256, load_catalog
-from train.items import collate_items, frozen_features, make_item_dataset, to_device
+from train.features import frozen_features
 from train.losses import info_nce
-from train.metrics import ranking_metrics, target_ranks
-from train.profiles import ProfileBuilder
-from train.split import Split, leave_one_out
 
 logger = logging.getLogger(__name__)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without it is an error, never a silent CPU run."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
-
-
 def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (CPU and every CUDA device)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def split_catalog(config: Config, catalog: Catalog) -> Split:
-    """The leave-one-out split of a catalog, with the tie-break the config (or the catalog) asks for."""
-    tie_break = config.data.tie_break
-    if tie_break == "auto":
-        tie_break = catalog.meta.get("tie_break", "item_id")
-    return leave_one_out(catalog.interactions, config.data.min_count, tie_break)
-
-
-def profile_builder(config: Config, catalog_items: pl.DataFrame, tokenizer=None) -> ProfileBuilder:
-    """The profile builder over catalog rows, as configured (shared by training and serving)."""
-    tokenizer = tokenizer or load_tokenizer(config.user.model)
-    return ProfileBuilder(
-        tokenizer, catalog_items["title"].to_list(), catalog_items["text"].to_list(),
-        token_budget=config.data.profile_token_budget, max_items=config.data.profile_max_items,
-        text_chars=config.data.profile_text_chars,
-    )
 
 
 @dataclass
@@ -108,7 +82,7 @@ def user_prompts(split: Split, split_rows: np.ndarray, builder: ProfileBuilder, 
             prof = builder.build(split_rows[seq[:end]])
             first = end - len(prof.ends)  # sequence index of the first kept item
             if w == 0 and len(prof.ends) < 2:
-                raise ValueError(f"user {split.user_ids[u]!r}: the profile budget keeps only {len(prof.ends)} "
+                raise CatalogError(f"user {split.user_ids[u]!r}: the profile budget keeps only {len(prof.ends)} "
                                  "item(s); raise data.profile_token_budget")
             pairs = [(p, int(seq[first + i + 1])) for i, p in enumerate(prof.ends) if first + i + 1 <= last_train]
             if max_positions:
@@ -185,11 +159,12 @@ class ItemBank:
         """``frozen`` holds frozen encoders' features of the training items, in split order."""
         pad = dataset.tokenizer.pad_token_id if dataset.tokenizer is not None else 0
         batch = collate_items([dataset[int(r)] for r in split_rows], pad, dataset.cfg.image.image_size)
-        for key, feats in frozen.items():
-            batch[key] = feats
-            batch.pop("text_input_ids" if key == "text_features" else "pixels", None)
-            if key == "text_features":
-                batch.pop("text_attention_mask", None)
+        batch.update(frozen)  # cached features (and the image mask) replace the raw inputs of frozen encoders
+        if "text_features" in frozen:
+            batch.pop("text_input_ids", None)
+            batch.pop("text_attention_mask", None)
+        if "image_features" in frozen:
+            batch.pop("pixels", None)
         batch.pop("row")
         self.inputs = to_device(batch, device)
         self.size, self.chunk = len(split_rows), chunk
@@ -216,133 +191,162 @@ def evaluate_positions(model: TwoTower, states: UserStates, split: Split, item_e
             s, _ = states.get(idx, which)
             u = model.user.head(s)
             scores = (u @ item_emb.T).cpu()
-            if which == "valid":
-                targets = torch.tensor([split.valid_target(i) for i in idx])
-                exclude = [split.train_seq(i) for i in idx]
-            else:
-                targets = torch.tensor([split.test_target(i) for i in idx])
-                exclude = [split.sequences[i][:-1] for i in idx]
-            ranks.append(target_ranks(scores, targets, exclude))
+            held = [held_out(split, i, which) for i in idx]
+            targets = torch.tensor([t for t, _, _ in held])
+            ranks.append(target_ranks(scores, targets, [ex for _, _, ex in held]))
     out = ranking_metrics(torch.cat(ranks))
     out["users"] = len(users)
     return out
 
 
-def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress: bool = True) -> TrainResult:
-    """Train both towers on a catalog and write a servable run directory.
+@dataclass
+class TrainingData:
+    """The catalog, its split, and the maps between the item spaces training uses."""
 
-    Args:
-        config: the full setup (see ``configs/``).
-        catalog_dir: a folder written by ``towerrec prepare``.
-        run_dir: output folder; gets ``config.json``, ``towers.safetensors``, the catalog snapshot, the
-            serving histories and ``metrics.json``.
-        progress: show progress bars.
-    """
-    t0 = time.time()
-    if config.train.negatives not in ("batch", "catalog"):
-        raise ValueError(f"unknown train.negatives {config.train.negatives!r}; choose 'batch' or 'catalog'")
-    seed_everything(config.train.seed)
-    device = resolve_device(config.train.device)
-    run_dir = Path(run_dir)
-    catalog: Catalog = load_catalog(catalog_dir)
+    catalog: Catalog
+    split: Split
+    catalog_items: ItemSpace  # catalog rows
+    split_items: ItemSpace  # dense split indices (= rows of the item tower's id table)
+    split_rows: np.ndarray  # (I,) split index -> catalog row
+    id_rows: np.ndarray  # (N,) catalog row -> id-table row, -1 for items outside the split
+
+
+def load_training_data(config: Config, catalog_dir: str | Path) -> TrainingData:
+    """Step 1: load and validate the catalog, and split it by the leave-one-out protocol."""
+    catalog = load_catalog(catalog_dir)
     split = split_catalog(config, catalog)
+    catalog_items = ItemSpace(catalog.items["item_id"].to_list(), "catalog")
+    split_items = ItemSpace(split.item_ids, "split")
+    return TrainingData(catalog, split, catalog_items, split_items,
+                        split_rows=split_items.to(catalog_items), id_rows=catalog_items.to(split_items))
 
-    row_of = {item_id: r for r, item_id in enumerate(catalog.items["item_id"].to_list())}
-    split_rows = np.array([row_of[i] for i in split.item_ids], dtype=np.int64)  # split index -> catalog row
-    id_rows = np.full(catalog.items.height, -1, dtype=np.int64)
-    id_rows[split_rows] = np.arange(split.num_items)
 
-    model = build_towers(config, num_ids=split.num_items).to(device)
-    dataset = make_item_dataset(catalog, model, id_rows)
-    frozen = frozen_features(model, dataset, device, config.item.text.batch_size, rows=split_rows, progress=progress)
-    bank = ItemBank(dataset, split_rows, frozen, device)
+def build_item_bank(config: Config, model: TwoTower, data: TrainingData, device, progress: bool) -> ItemBank:
+    """Step 3: the training items' inputs, with frozen encoders' features computed once."""
+    dataset = make_item_dataset(data.catalog, model, data.id_rows)
+    frozen = frozen_features(model, dataset, device, config.item.text.batch_size, rows=data.split_rows,
+                             progress=progress)
+    return ItemBank(dataset, data.split_rows, frozen, device)
 
+
+def build_user_states(config: Config, model: TwoTower, data: TrainingData, device, progress: bool) -> UserStates:
+    """Step 4: every user's profile prompts, and (for a frozen LLM) their cached states."""
     tokenizer = load_tokenizer(config.user.model)
-    builder = profile_builder(config, catalog.items, tokenizer)
-    prompts = user_prompts(split, split_rows, builder, config.train.max_positions, config.train.windows)
-    states = UserStates(model, prompts, device, tokenizer.pad_token_id, len(builder.header_ids),
-                        config.user.batch_size, progress)
+    builder = profile_builder(config, data.catalog.items, tokenizer)
+    prompts = user_prompts(data.split, data.split_rows, builder, config.train.max_positions, config.train.windows)
+    return UserStates(model, prompts, device, tokenizer.pad_token_id, len(builder.header_ids),
+                      config.user.batch_size, progress)
 
+
+def train_epoch(config: Config, model: TwoTower, states: UserStates, bank: ItemBank, optim: torch.optim.Optimizer,
+                order: list[int], device, desc: str = "", progress: bool = True) -> float:
+    """One pass over the prompts in ``order``; returns the mean loss."""
+    model.train()
+    if not config.user.trainable:
+        model.user.llm.eval()
+    prompts_per_step = max(1, config.train.batch_size // max(1, config.train.max_positions))
+    losses = []
+    for start in tqdm(range(0, len(order), prompts_per_step), desc=desc, leave=False, disable=not progress):
+        idx = order[start:start + prompts_per_step]
+        s, targets = states.get(idx, "train")
+        u = model.user.head(s)  # (N, D)
+        if config.train.negatives == "catalog":  # every training item is a candidate: full softmax
+            v = bank.encode(model, dropout=config.item.modality_dropout)  # (I, D)
+            loss = info_nce(u, v, targets.to(device), model.logit_scale)
+        else:  # in-batch negatives: the unique positives of the batch
+            uniq, inverse = torch.unique(targets, return_inverse=True)
+            v = bank.encode(model, uniq, dropout=config.item.modality_dropout)  # (M, D)
+            loss = info_nce(u, v, inverse.to(device), model.logit_scale)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+        losses.append(loss.item())
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+def fit(config: Config, model: TwoTower, states: UserStates, bank: ItemBank, split: Split, device,
+        progress: bool = True) -> tuple[int, list[dict]]:
+    """Step 5: train with early stopping on validation NDCG@10; the model ends with its best epoch's weights.
+
+    Returns ``(best_epoch, history)``; each history record has the epoch's loss, temperature and validation
+    metrics.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay)
-    prompts_per_step = max(1, config.train.batch_size // max(1, config.train.max_positions))
-    trainable_prompts = [i for i, p in enumerate(prompts) if p.train_pos]
+    trainable_prompts = [i for i, p in enumerate(states.prompts) if p.train_pos]
     rng = random.Random(config.train.seed)
     eval_users = list(range(split.num_users))
     if config.train.eval_users and config.train.eval_users < len(eval_users):
         eval_users = sorted(rng.sample(eval_users, config.train.eval_users))
 
-    history, best, best_epoch, bad = [], -1.0, -1, 0
+    history: list[dict] = []
+    best, best_epoch, bad, best_state = -1.0, -1, 0, None
     for epoch in range(config.train.epochs):
-        model.train()
-        if not config.user.trainable:
-            model.user.llm.eval()
         order = trainable_prompts[:]
         rng.shuffle(order)
-        losses = []
-        steps = range(0, len(order), prompts_per_step)
-        for start in tqdm(steps, desc=f"epoch {epoch}", leave=False, disable=not progress):
-            idx = order[start:start + prompts_per_step]
-            s, targets = states.get(idx, "train")
-            u = model.user.head(s)  # (N, D)
-            if config.train.negatives == "catalog":  # every training item is a candidate: full softmax
-                v = bank.encode(model, dropout=config.item.modality_dropout)  # (I, D)
-                loss = info_nce(u, v, targets.to(device), model.logit_scale)
-            else:  # in-batch negatives: the unique positives of the batch
-                uniq, inverse = torch.unique(targets, return_inverse=True)
-                v = bank.encode(model, uniq, dropout=config.item.modality_dropout)  # (M, D)
-                loss = info_nce(u, v, inverse.to(device), model.logit_scale)
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            optim.step()
-            losses.append(loss.item())
+        loss = train_epoch(config, model, states, bank, optim, order, device, f"epoch {epoch}", progress)
         model.eval()
         with torch.no_grad():
-            item_emb = bank.encode(model)
-            valid = evaluate_positions(model, states, split, item_emb, "valid", eval_users)
-        record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
+            valid = evaluate_positions(model, states, split, bank.encode(model), "valid", eval_users)
+        record = {"epoch": epoch, "loss": loss,
                   "temperature": float(1 / model.logit_scale.detach().exp().clamp(max=100)), **valid}
         history.append(record)
-        logger.info("epoch %d loss %.4f valid recall@10 %.4f ndcg@10 %.4f", epoch, record["loss"],
+        logger.info("epoch %d loss %.4f valid recall@10 %.4f ndcg@10 %.4f", epoch, loss,
                     valid["recall@10"], valid["ndcg@10"])
         if valid["ndcg@10"] > best:
             best, best_epoch, bad = valid["ndcg@10"], epoch, 0
-            save_towers(model, run_dir)
+            best_state = trainable_state(model)  # a CPU copy; frozen backbones never change
         else:
             bad += 1
             if bad >= config.train.patience:
                 break
-
-    # Back to the best epoch's weights (the frozen backbones never changed).
-    model.load_state_dict(load_file(str(run_dir / CHECKPOINT), device=str(device)), strict=False)
+    if best_state is not None:
+        model.load_state_dict(best_state, strict=False)
     model.eval()
-    with torch.no_grad():
-        item_emb = bank.encode(model)
-        valid = evaluate_positions(model, states, split, item_emb, "valid")
-        test = evaluate_positions(model, states, split, item_emb, "test")
-    write_run_data(run_dir, catalog, split)
-    result = TrainResult(run_dir, best_epoch, valid, test, history, time.time() - t0)
-    (run_dir / "metrics.json").write_text(json.dumps(
-        {"best_epoch": best_epoch, "valid": valid, "test": test, "history": history,
-         "seconds": result.seconds}, indent=2))
+    return best_epoch, history
+
+
+def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress: bool = True,
+          overwrite: bool = False) -> TrainResult:
+    """Train both towers on a catalog and write a servable run directory.
+
+    Args:
+        config: the full setup (see ``configs/``).
+        catalog_dir: a folder written by ``towerrec prepare``.
+        run_dir: output folder (see :class:`data.rundir.RunDir`). It is written in a staging folder and
+            published whole when training ends, so an interrupted run leaves nothing half-written.
+        progress: show progress bars.
+        overwrite: replace an existing run at ``run_dir`` (otherwise that is an error).
+    """
+    t0 = time.time()
+    run = RunDir(run_dir)
+    staged = run.staging(overwrite)  # refuses an existing run before any work is done
+    try:
+        seed_everything(config.train.seed)
+        device = resolve_device(config.train.device)
+        data = load_training_data(config, catalog_dir)
+        model = build_towers(config, num_ids=data.split.num_items).to(device)  # step 2
+        bank = build_item_bank(config, model, data, device, progress)
+        states = build_user_states(config, model, data, device, progress)
+        best_epoch, history = fit(config, model, states, bank, data.split, device, progress)
+        with torch.no_grad():  # step 6: the best epoch on all validation users, then test, scored once
+            item_emb = bank.encode(model)
+            valid = evaluate_positions(model, states, data.split, item_emb, "valid")
+            test = evaluate_positions(model, states, data.split, item_emb, "test")
+        result = TrainResult(run.path, best_epoch, valid, test, history, time.time() - t0)
+        write_run(staged, model, data, result)  # step 7
+        run.publish(staged)
+    except BaseException:
+        staged.discard()
+        raise
     return result
 
 
-def write_run_data(run_dir: Path, catalog: Catalog, split: Split) -> None:
-    """The catalog snapshot and serving histories a run needs besides its weights.
-
-    ``items.parquet`` is the catalog's item table; ``catalog.json`` records the catalog folder (for media)
-    and its hash; ``histories.parquet`` holds each split user's sequence without the held-out test item, in
-    order; ``split_items.parquet`` lists the items that were ranked during training (the id table's rows).
-    """
-    catalog.items.write_parquet(run_dir / "items.parquet")
-    (run_dir / "catalog.json").write_text(json.dumps(
-        {"path": str(Path(catalog.root).resolve()), "sha256": catalog_sha256(catalog.root)}, indent=2))
-    users, items, order = [], [], []
-    for u, seq in enumerate(split.sequences):
-        for k, j in enumerate(seq[:-1]):
-            users.append(split.user_ids[u])
-            items.append(split.item_ids[int(j)])
-            order.append(k)
-    pl.DataFrame({"user_id": users, "item_id": items, "position": order}).write_parquet(run_dir / "histories.parquet")
-    pl.DataFrame({"item_id": split.item_ids}).write_parquet(run_dir / "split_items.parquet")
+def write_run(run: RunDir, model: TwoTower, data: TrainingData, result: TrainResult) -> None:
+    """Everything serving needs: weights and config, the catalog reference, histories, id table, metrics."""
+    save_towers(model, run)
+    run.write_catalog_ref(data.catalog)
+    run.write_histories(data.split)
+    run.write_id_table(data.split.item_ids)
+    run.write_metrics({"best_epoch": result.best_epoch, "valid": result.valid, "test": result.test,
+                       "history": result.history, "seconds": result.seconds})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,13 +14,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from data.catalog import load_catalog
+from data.protocol import leave_one_out
+from data.rundir import RunDir
 from index.build import build_index
 from index.evaluate import evaluate
 from index.recommender import QueryError, Recommender
-from index.store import IndexError_, live_version
-from towers.factory import CHECKPOINT
-from train.data import load_catalog
-from train.split import leave_one_out
+from index.store import IndexStateError, live_version
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def _exact_top(rec: Recommender, item_vectors: np.ndarray, history: list, k: int
                allowed: set | None = None) -> tuple[list, np.ndarray]:
     """Brute-force top-k item ids and scores, history excluded, optionally restricted to ``allowed``."""
     scores = item_vectors @ rec.embed_histories([history])[0]
-    seen = {rec.row_of[i] for i in history}
+    seen = {rec.index_items.row(i) for i in history}
     rows = [r for r in np.argsort(-scores, kind="stable") if r not in seen
             and (allowed is None or rec.item_ids[r] in allowed)][:k]
     return [rec.item_ids[r] for r in rows], scores[rows]
@@ -135,10 +136,55 @@ def test_query_errors(rec, users) -> None:
         rec.recommend(history=[])
     with pytest.raises(QueryError, match="k must be at least 1"):
         rec.recommend(user_id=users[0], k=0)
-    with pytest.raises(QueryError, match="exactly one of user_id or history"):
+    with pytest.raises(QueryError, match="either user_id or history, not both"):
         rec.recommend(user_id=users[0], history=[1])
     with pytest.raises(QueryError, match="unknown item_id 424242"):
         rec.recommend(user_id=users[0], allowed=[1, 424242])
+
+
+@pytest.mark.parametrize("history, message", [
+    ("12", "history must be a list of ids, got str '12'"),  # not items "1" and "2"
+    ([50.7], "item_id in history 50.7 has type float"),  # not item 50
+    ([True], "item_id in history True has type bool"),  # not item 1
+    ([None], "item_id in history None has type NoneType"),
+    (12, "history must be a list of ids, got int 12"),
+])
+def test_mistyped_history_is_refused(rec, history, message) -> None:
+    with pytest.raises(QueryError, match=re.escape(message)):
+        rec.recommend(history=history)
+
+
+def test_batch_argument_errors(rec, users) -> None:
+    with pytest.raises(QueryError, match="user_ids is empty"):
+        rec.recommend_batch(user_ids=[])
+    with pytest.raises(QueryError, match="histories is empty"):
+        rec.recommend_batch(histories=[])
+    with pytest.raises(QueryError, match="k must be an integer, got str '10'"):
+        rec.recommend_batch(user_ids=[users[0]], k="10")
+    with pytest.raises(QueryError, match="k must be an integer, got bool"):
+        rec.recommend(user_id=users[0], k=True)
+    with pytest.raises(QueryError, match="user_id True has type bool"):
+        rec.recommend(user_id=True)
+    with pytest.raises(QueryError, match="give a user_id"):
+        rec.recommend()
+    with pytest.raises(QueryError, match="exclude has 2 entries for 1 users"):
+        rec.recommend_batch(user_ids=[users[0]], exclude=[[], []])
+
+
+def test_string_form_of_integer_ids_is_accepted(rec, users) -> None:
+    """"42" finds integer item 42 (ids typed on a command line), but "042" or "4.0" are not coerced."""
+    history = rec.history_of(users[0])[:3]
+    as_text = rec.recommend(history=[str(i) for i in history], k=5, rerank=False)
+    assert [r.item_id for r in as_text] == [r.item_id for r in rec.recommend(history=history, k=5, rerank=False)]
+    with pytest.raises(QueryError, match="unknown item_id '0"):
+        rec.recommend(history=["0" + str(history[0])])
+
+
+def test_exclude_removes_items(rec, users) -> None:
+    top = rec.recommend(user_id=users[0], k=5, rerank=False)
+    out = rec.recommend(user_id=users[0], k=5, rerank=False, exclude=[top[0].item_id])
+    assert top[0].item_id not in [r.item_id for r in out]
+    assert [r.item_id for r in out][:4] == [r.item_id for r in top][1:5]
 
 
 def test_rerank_keeps_the_retrieved_candidates(rec, users) -> None:
@@ -155,7 +201,7 @@ def test_rerank_keeps_the_retrieved_candidates(rec, users) -> None:
         scores = [r.score for r in reranked]
         assert scores == sorted(scores, reverse=True)
         # The LLM scores are the reranker's log-odds after this user's profile, and the final score their mix.
-        prompt = rec.builder.build([rec.row_of[i] for i in rec.history_of(user)]).input_ids
+        prompt = rec.builder.build([rec.index_items.row(i) for i in rec.history_of(user)]).input_ids
         llm = rec.reranker.log_odds(prompt, [r.title for r in retrieved])
         np.testing.assert_allclose([r.rerank_score for r in reranked],
                                    [float(llm[[x.item_id for x in retrieved].index(r.item_id)]) for r in reranked],
@@ -181,7 +227,7 @@ def _copy_run(tiny_run: Path, dst: Path) -> Path:
 
 def _perturb(run: Path, prefix: str) -> str:
     """Add 0.5 to the first checkpoint tensor under ``prefix``; returns its name."""
-    path = run / CHECKPOINT
+    path = run / RunDir.WEIGHTS
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         state = {k: f.get_tensor(k) for k in f.keys()}
@@ -194,7 +240,7 @@ def _perturb(run: Path, prefix: str) -> str:
 def test_changed_item_tower_refuses_index(tiny_run: Path, tmp_path: Path) -> None:
     run = _copy_run(tiny_run, tmp_path / "run")
     _perturb(run, "item.fusion.")
-    with pytest.raises(IndexError_, match="fingerprint .*rebuild it with `towerrec build-index`"):
+    with pytest.raises(IndexStateError, match="fingerprint .*rebuild it with `towerrec build-index`"):
         Recommender.load(run, device="cpu")
     # Rebuilding the index for the changed towers makes the run servable again.
     folder = build_index(run, device="cpu", progress=False)
@@ -216,14 +262,14 @@ def test_index_of_another_dimension_refuses(tiny_run: Path, tmp_path: Path) -> N
     manifest = live_version(run / "index") / "manifest.json"
     data = json.loads(manifest.read_text())
     manifest.write_text(json.dumps(dict(data, dim=64)))
-    with pytest.raises(IndexError_, match="index dimension 64 does not match the towers' dimension 32"):
+    with pytest.raises(IndexStateError, match="index dimension 64 does not match the towers' dimension 32"):
         Recommender.load(run, device="cpu")
 
 
 def test_evaluate_sample(tiny_run: Path, rec: Recommender) -> None:
     out = evaluate(tiny_run, users=10, progress=False, recommender=rec)
     assert out["users"] == 10
-    assert out["items"] == pl.read_parquet(tiny_run / "split_items.parquet").height
+    assert out["items"] == pl.read_parquet(tiny_run / "id_table.parquet").height
     for mode in ("retrieval", "reranked"):
         metrics = out[mode]
         for k in (5, 10, 20):
@@ -264,7 +310,7 @@ def test_evaluate_all_users_matches_queries_and_training(tiny_run: Path, tiny_ca
 def test_string_ids_end_to_end(tiny_catalog: Path, tmp_path: Path) -> None:
     """String item and user ids ("m0001", "u7") go through hashed FAISS ids and come back unchanged."""
     from configs import load_config
-    from train.data import write_catalog
+    from data.catalog import write_catalog
     from train.loop import train
 
     source = load_catalog(tiny_catalog)

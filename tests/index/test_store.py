@@ -10,9 +10,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from index.build import faiss_ids
+from data.ids import faiss_ids
 from index.store import (
-    IndexError_,
+    IndexStateError,
     Manifest,
     build_faiss,
     live_version,
@@ -96,7 +96,7 @@ def test_build_faiss_rejects_bad_input(data) -> None:
     xb, _, ids = data
     bad = xb[:10].copy()
     bad[3, 5] = np.nan
-    with pytest.raises(ValueError, match="NaN or inf"):
+    with pytest.raises(IndexStateError, match="NaN or inf"):
         build_faiss(bad, ids[:10])
     with pytest.raises(AssertionError):
         build_faiss(xb[:10], ids[:9])
@@ -142,7 +142,7 @@ def test_write_and_read_version_round_trip(tmp_path: Path) -> None:
 
 def test_write_version_refuses_count_mismatch(tmp_path: Path) -> None:
     _, index, items, manifest = _version_inputs()
-    with pytest.raises(ValueError, match="items table 39"):
+    with pytest.raises(IndexStateError, match="items table 39"):
         write_version(tmp_path / "index", index, items.head(39), manifest)
     assert not (tmp_path / "index" / "LIVE").exists()
 
@@ -150,29 +150,29 @@ def test_write_version_refuses_count_mismatch(tmp_path: Path) -> None:
 def test_read_version_refuses_mismatch(tmp_path: Path) -> None:
     _, index, items, manifest = _version_inputs()
     folder = write_version(tmp_path / "index", index, items, manifest)
-    with pytest.raises(IndexError_, match="fingerprint ffffffffffff.*have 000000000000"):
+    with pytest.raises(IndexStateError, match="fingerprint ffffffffffff.*have 000000000000"):
         read_version(folder, "0" * 64, 8)
-    with pytest.raises(IndexError_, match="index dimension 8 does not match the towers' dimension 16"):
+    with pytest.raises(IndexStateError, match="index dimension 8 does not match the towers' dimension 16"):
         read_version(folder, "f" * 64, 16)
     # A manifest that lies about the contents is caught too.
     data = json.loads((folder / "manifest.json").read_text())
     (folder / "manifest.json").write_text(json.dumps(dict(data, count=41)))
-    with pytest.raises(IndexError_, match="manifest says 41"):
+    with pytest.raises(IndexStateError, match="manifest says 41"):
         read_version(folder)
     (folder / "manifest.json").write_text("{not json")
-    with pytest.raises(IndexError_, match="unreadable index manifest"):
+    with pytest.raises(IndexStateError, match="unreadable index manifest"):
         read_version(folder)
 
 
 def test_live_pointer_errors(tmp_path: Path) -> None:
     root = tmp_path / "index"
     root.mkdir()
-    with pytest.raises(IndexError_, match="no index built yet"):
+    with pytest.raises(IndexStateError, match="no index built yet"):
         live_version(root)
     (root / "LIVE").write_text("v-gone\n")
-    with pytest.raises(IndexError_, match="points at v-gone, which is missing or incomplete"):
+    with pytest.raises(IndexStateError, match="points at v-gone, which is missing or incomplete"):
         live_version(root)
-    with pytest.raises(IndexError_, match="not a complete index version"):
+    with pytest.raises(IndexStateError, match="not a complete index version"):
         set_live(root, "v-gone")
 
 
@@ -180,7 +180,7 @@ def test_corrupt_index_file(tmp_path: Path) -> None:
     _, index, items, manifest = _version_inputs()
     folder = write_version(tmp_path / "index", index, items, manifest)
     (folder / "index.faiss").write_bytes(b"garbage")
-    with pytest.raises(IndexError_, match="cannot read index files"):
+    with pytest.raises(IndexStateError, match="cannot read index files"):
         read_version(folder)
 
 

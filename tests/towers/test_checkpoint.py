@@ -10,9 +10,9 @@ import torch
 from safetensors import safe_open
 
 from configs import Config, ConfigError, config_from_dict, load_config
+from data.items import pad_batch
+from data.rundir import RunDir
 from towers.factory import (
-    CHECKPOINT,
-    CONFIG,
     CheckpointError,
     build_towers,
     item_fingerprint,
@@ -20,7 +20,6 @@ from towers.factory import (
     load_towers,
     save_towers,
 )
-from towers.user import pad_batch
 
 NUM_IDS = 6
 
@@ -78,7 +77,7 @@ def test_save_load_round_trip(tmp_path: Path, overrides: list[str]) -> None:
     assert item_fingerprint(loaded) == item_fingerprint(model)
     torch.testing.assert_close(loaded.logit_scale, model.logit_scale)
 
-    with safe_open(str(tmp_path / CHECKPOINT), framework="pt") as f:
+    with safe_open(str(tmp_path / RunDir.WEIGHTS), framework="pt") as f:
         keys = set(f.keys())
         assert f.metadata()["num_ids"] == str(NUM_IDS)
     frozen = [k for k in keys if k.startswith(("user.llm.", "item.text.backbone."))]
@@ -87,7 +86,7 @@ def test_save_load_round_trip(tmp_path: Path, overrides: list[str]) -> None:
         assert any(k.startswith("item.image.visual.") for k in keys)  # random-init image tower is stored
     else:
         assert frozen
-    assert json.loads((tmp_path / CONFIG).read_text()) == config.to_dict()
+    assert json.loads((tmp_path / RunDir.CONFIG).read_text()) == config.to_dict()
 
 
 def test_fingerprint_tracks_item_weights_only() -> None:
@@ -105,9 +104,9 @@ def test_fingerprint_tracks_item_weights_only() -> None:
 def test_changed_dim_in_checkpoint_config_raises(tmp_path: Path) -> None:
     model = _trained_like(load_config("tiny"))
     save_towers(model, tmp_path)
-    data = json.loads((tmp_path / CONFIG).read_text())
+    data = json.loads((tmp_path / RunDir.CONFIG).read_text())
     data["dim"] = 16
-    (tmp_path / CONFIG).write_text(json.dumps(data))
+    (tmp_path / RunDir.CONFIG).write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match="config expects"):
         load_towers(tmp_path)
 
@@ -115,9 +114,9 @@ def test_changed_dim_in_checkpoint_config_raises(tmp_path: Path) -> None:
 def test_changed_architecture_in_checkpoint_config_raises(tmp_path: Path) -> None:
     model = _trained_like(load_config("tiny"))
     save_towers(model, tmp_path)
-    data = json.loads((tmp_path / CONFIG).read_text())
+    data = json.loads((tmp_path / RunDir.CONFIG).read_text())
     data["item"]["audio"]["enabled"] = False  # the checkpoint still holds audio weights
-    (tmp_path / CONFIG).write_text(json.dumps(data))
+    (tmp_path / RunDir.CONFIG).write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match="unexpected"):
         load_towers(tmp_path)
 
@@ -125,16 +124,16 @@ def test_changed_architecture_in_checkpoint_config_raises(tmp_path: Path) -> Non
 def test_missing_checkpoint_files(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"config\.json: not found; is .* a towerrec run directory"):
         load_towers(tmp_path)
-    (tmp_path / CONFIG).write_text(load_config("tiny").to_json())
-    with pytest.raises(CheckpointError, match=f"{CHECKPOINT}: not found"):
+    (tmp_path / RunDir.CONFIG).write_text(load_config("tiny").to_json())
+    with pytest.raises(CheckpointError, match=f"{RunDir.WEIGHTS}: not found"):
         load_towers(tmp_path)
 
 
 def test_unknown_key_in_run_config(tmp_path: Path) -> None:
     data = load_config("tiny").to_dict()
     data["train"]["bogus"] = 1
-    (tmp_path / CONFIG).write_text(json.dumps(data))
-    with pytest.raises(ConfigError, match=r"train: unknown key\(s\) \['bogus'\]"):
+    (tmp_path / RunDir.CONFIG).write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"config.json: train: unknown key\(s\) \['bogus'\]"):
         load_config_from_run(tmp_path)
 
 

@@ -9,13 +9,15 @@ import pytest
 import torch
 
 from configs import AudioEncoderConfig, ImageEncoderConfig, TextEncoderConfig, UserTowerConfig, load_config
+from data.items import pad_batch
+from data.media import load_audio, load_image, pad_waveforms
+from errors import CheckpointError
 from towers.audio import AudioEncoder
 from towers.hub import load_tokenizer
 from towers.image import ImageEncoder, create_clip
 from towers.item import ItemTower
 from towers.text import TextEncoder
-from towers.user import UserTower, pad_batch
-from train.media import load_audio, load_image, pad_waveforms
+from towers.user import UserTower
 
 TINY = load_config("tiny")
 DIM = TINY.dim  # 32
@@ -262,10 +264,10 @@ def test_cached_features_match_raw_inputs_and_dimension_is_checked(item_tower, t
         torch.testing.assert_close(item_tower.encode_items(cached), item_tower.encode_items(raw),
                                    atol=1e-6, rtol=0)
     bad = dict(cached, text_features=torch.zeros(3, 31))
-    with pytest.raises(ValueError, match="text features have dimension 31, the item tower expects 32"):
+    with pytest.raises(CheckpointError, match="text features have dimension 31, the item tower expects 32"):
         item_tower.encode_items(bad)
     bad = dict(cached, image_features=torch.zeros(3, 48))
-    with pytest.raises(ValueError, match="image features have dimension 48, the item tower expects 32"):
+    with pytest.raises(CheckpointError, match="image features have dimension 48, the item tower expects 32"):
         item_tower.encode_items(bad)
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from configs import load_config
-from train.loop import resolve_device, train
+from towers.device import resolve_device
+from train.loop import train
 
 
 def test_auto_picks_cuda_only_when_present() -> None:

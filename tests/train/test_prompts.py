@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from data.profiles import ProfileBuilder
+from data.protocol import Split
 from train.loop import user_prompts
-from train.profiles import ProfileBuilder
-from train.split import Split
 
 
 @pytest.fixture(scope="module")

@@ -1,26 +1,55 @@
-"""Item inputs: a Dataset that decodes one catalog item per index, and the collate that batches them.
+"""Item inputs: the text an item shows its encoder, a Dataset that decodes one catalog item per index, and the
+collate that batches them.
 
 Decoding (tokenising text, PIL for images, soundfile for audio) happens here, in DataLoader workers, so towers
-only ever see tensors. Frozen backbones' features can be computed once for the whole catalog with
-:func:`frozen_features` and passed to the tower instead of raw inputs.
+only ever see tensors.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 
 import numpy as np
+import polars as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from configs import Config
-from towers.user import pad_batch
-from train.data import Catalog, item_text
-from train.media import load_audio, load_image, pad_waveforms
+from data.catalog import Catalog
+from data.media import load_audio, load_image, pad_waveforms
 
 logger = logging.getLogger(__name__)
+
+
+def pad_batch(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists to ``(B, T)`` ids and attention mask."""
+    t = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), t), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def item_text(items: pl.DataFrame, max_chars: int) -> list[str]:
+    """Text fed to the item text encoder: title, genres and (truncated) description."""
+    rows = items.select(
+        "title",
+        pl.col("genres") if "genres" in items.columns else pl.lit(None, dtype=pl.Utf8).alias("genres"),
+        "text",
+    ).iter_rows()
+    out = []
+    for title, genres, text in rows:
+        parts = [title or ""]
+        if genres:
+            parts.append(f"Genres: {genres}.")
+        if text and max_chars > 0:
+            parts.append(text[:max_chars])
+        out.append(" ".join(parts).strip())
+    return out
 
 
 class ItemDataset(Dataset):
@@ -77,50 +106,16 @@ def collate_items(items: Sequence[dict], pad_id: int = 0, image_size: int = 0) -
     return batch
 
 
-def make_item_dataset(catalog: Catalog, model, id_rows: np.ndarray | None = None) -> ItemDataset:
-    """An :class:`ItemDataset` wired to the model's text tokenizer and image normalisation."""
-    from towers.hub import load_tokenizer
-
-    cfg = model.config
-    tokenizer = load_tokenizer(cfg.item.text.model) if cfg.item.text.enabled else None
-    norm = (model.item.image.image_mean, model.item.image.image_std) if model.item.image is not None else None
-    return ItemDataset(catalog, cfg, tokenizer, norm, id_rows)
-
-
 def item_loader(dataset: ItemDataset, rows: Sequence[int] | None = None, batch_size: int = 64,
                 num_workers: int = 0) -> DataLoader:
     """DataLoader over ``rows`` (default: all items) in order."""
-    from torch.utils.data import Subset
-
     pad = dataset.tokenizer.pad_token_id if dataset.tokenizer is not None else 0
     size = dataset.cfg.image.image_size
     subset = dataset if rows is None else Subset(dataset, list(rows))
     return DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      collate_fn=lambda items: collate_items(items, pad, size))
+                      collate_fn=functools.partial(collate_items, pad_id=pad, image_size=size))
 
 
 def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """Move every tensor of a batch to ``device``."""
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-@torch.inference_mode()
-def frozen_features(model, dataset: ItemDataset, device, batch_size: int = 64, num_workers: int = 0,
-                    rows: Sequence[int] | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Features of frozen encoders for items ``rows`` (default: all), keyed ``"<modality>_features"``."""
-    item = model.item
-    frozen = []
-    if item.text is not None and not model.config.item.text.trainable:
-        frozen.append("text")
-    if item.image is not None and not model.config.item.image.trainable:
-        frozen.append("image")
-    if not frozen:
-        return {}
-    out: dict[str, list[torch.Tensor]] = {m: [] for m in frozen}
-    loader = item_loader(dataset, rows, batch_size=batch_size, num_workers=num_workers)
-    for batch in tqdm(loader, desc=f"caching frozen {'+'.join(frozen)} features", leave=False, disable=not progress):
-        batch = to_device(batch, device)
-        if "text" in frozen:
-            out["text"].append(item.text(batch["text_input_ids"], batch["text_attention_mask"]).float().cpu())
-        if "image" in frozen:
-            out["image"].append(item.image(batch["pixels"]).float().cpu())
-    return {f"{m}_features": torch.cat(v) for m, v in out.items()}

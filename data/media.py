@@ -10,9 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-class MediaError(ValueError):
-    """A media file that is missing, truncated or not decodable."""
+from errors import MediaError
 
 
 def load_image(path: str | Path, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

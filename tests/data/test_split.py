@@ -8,8 +8,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from train.data import prepare_movielens_100k, prepare_movielens_latest
-from train.split import k_core, leave_one_out
+from data.importers import prepare_movielens_100k, prepare_movielens_latest
+from data.protocol import k_core, leave_one_out
 
 
 def _pairs(df: pl.DataFrame) -> set[tuple]:
@@ -134,7 +134,7 @@ def test_movielens_100k_pop_matches_published_anchor(ml100k_dir: Path, tmp_path:
     """Most-popular-unseen under the importer's tie-break lands near RecBole's published Pop (Recall@10 0.0827)."""
     import torch
 
-    from train.metrics import ranking_metrics, target_ranks
+    from data.protocol import ranking_metrics, target_ranks
 
     catalog = prepare_movielens_100k(ml100k_dir, tmp_path / "ml100k")
     assert catalog.meta["tie_break"] == "input_order"

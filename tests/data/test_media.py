@@ -11,7 +11,7 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from train.media import MediaError, load_audio, load_image, pad_waveforms
+from data.media import MediaError, load_audio, load_image, pad_waveforms
 
 RATE = 16000
 MAX_SECONDS = 3.0  # the shortest real clip (2.7 s) is kept whole, the others are cropped

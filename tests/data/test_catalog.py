@@ -10,16 +10,14 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from train.data import (
+from data.catalog import (
     CatalogError,
     load_catalog,
-    prepare_generic,
-    prepare_movielens_100k,
-    prepare_movielens_latest,
     validate_interactions,
     validate_items,
     write_catalog,
 )
+from data.importers import prepare_generic, prepare_movielens_100k, prepare_movielens_latest
 
 ITEMS_CSV = "item_id,title\n1,Alpha\n2,Beta\n3,Gamma\n"
 INTERACTIONS_CSV = "user_id,item_id,timestamp\n10,1,100\n10,2,200\n11,3,300\n"

@@ -10,6 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import polars as pl
+
+from configs import Config
+from errors import QueryError
+
 HEADER = "Items this user engaged with, oldest first:\n"
 
 
@@ -58,7 +63,7 @@ class ProfileBuilder:
     def build(self, history: Sequence[int]) -> Profile:
         """Prompt for a chronological history (dense indices); raises on an empty history."""
         if len(history) == 0:
-            raise ValueError("empty history: a profile needs at least one item")
+            raise QueryError("empty history: a profile needs at least one item")
         budget = self.token_budget - len(self.header_ids)
         kept: list[int] = []
         for item in reversed(list(history)[-self.max_items:]):
@@ -78,3 +83,12 @@ class ProfileBuilder:
     def text(self, history: Sequence[int]) -> str:
         """The prompt as text (for display and debugging)."""
         return self.tokenizer.decode(self.build(history).input_ids, skip_special_tokens=True)
+
+
+def profile_builder(config: Config, catalog_items: pl.DataFrame, tokenizer) -> ProfileBuilder:
+    """The profile builder over catalog rows, as configured (shared by training and serving)."""
+    return ProfileBuilder(
+        tokenizer, catalog_items["title"].to_list(), catalog_items["text"].to_list(),
+        token_budget=config.data.profile_token_budget, max_items=config.data.profile_max_items,
+        text_chars=config.data.profile_text_chars,
+    )

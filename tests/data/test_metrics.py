@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.metrics import ranking_metrics, target_ranks
+from data.protocol import ranking_metrics, target_ranks
 
 
 def test_target_ranks_exclusion_and_ties() -> None:

@@ -1,0 +1,63 @@
+"""Atomic file and folder writes: build under a temporary name beside the target, then rename into place.
+
+A reader (or a crash) never sees half a file or half a folder. Temporary folders get the mode an ordinary
+``mkdir`` would (``tempfile.mkdtemp`` makes them 0700, which would leak into the published folder).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def temp_dir(parent: str | Path, prefix: str) -> Path:
+    """A new empty folder in ``parent`` (created if needed), with the permissions of a plain ``mkdir``."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    tmp.chmod(0o777 & ~_umask())
+    return tmp
+
+
+def publish_dir(tmp: Path, target: Path) -> None:
+    """Move the complete folder ``tmp`` to ``target``; an existing ``target`` is replaced only at the end."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically (temporary sibling, then ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_parquet(df, path: str | Path) -> None:
+    """Write a polars DataFrame to Parquet atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        df.write_parquet(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,245 @@
+"""Importers: source tables in some known format -> a canonical catalog folder (see :mod:`data.catalog`).
+
+Every format is registered once in :data:`IMPORTERS` with the options it takes, so the CLI and Python callers
+share one entry point, :func:`prepare`, and a new format is one decorated function here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from data.catalog import (
+    INTERACTION_COLUMNS,
+    ITEM_COLUMNS,
+    Catalog,
+    read_table,
+    require_columns,
+    validate_interactions,
+    validate_items,
+    write_catalog,
+)
+from errors import CatalogError
+
+logger = logging.getLogger(__name__)
+
+# Options an importer may take; the CLI flag of each is ``--`` + the name with dashes.
+OPTIONS = ("src", "items", "interactions", "mapping", "media_root", "drop_unknown_items")
+_FLAGS = {"mapping": "--map"}
+
+
+def flag(option: str) -> str:
+    """The CLI flag that sets an importer option (used in error messages)."""
+    return _FLAGS.get(option, "--" + option.replace("_", "-"))
+
+
+@dataclass(frozen=True)
+class Importer:
+    """One registered source format."""
+
+    name: str
+    description: str
+    run: Callable[..., Catalog]  # run(out, **options) -> Catalog
+    required: tuple[str, ...]
+    optional: tuple[str, ...] = ()
+    defaults: dict | None = None  # option -> zero-argument callable giving its default
+
+
+IMPORTERS: dict[str, Importer] = {}
+
+
+def register(name: str, description: str, required: tuple[str, ...] = (), optional: tuple[str, ...] = (),
+             defaults: dict | None = None):
+    """Decorator that registers an importer ``fn(out, **options) -> Catalog`` under ``name``."""
+    def wrap(fn):
+        assert not (set(required) | set(optional)) - set(OPTIONS), (required, optional)
+        IMPORTERS[name] = Importer(name, description, fn, tuple(required), tuple(optional), defaults)
+        return fn
+    return wrap
+
+
+def prepare(format: str, out: str | Path, **options) -> Catalog:
+    """Build a catalog at ``out`` from source data in ``format`` (one of :data:`IMPORTERS`).
+
+    ``options`` are the importer's own (``src``, ``items``, ``interactions``, ``mapping``, ``media_root``,
+    ``drop_unknown_items``); ``None`` means "not given". A required option that is missing, or an option the
+    format does not use, is a :class:`CatalogError` naming the CLI flag.
+    """
+    importer = IMPORTERS.get(format)
+    if importer is None:
+        raise CatalogError(f"unknown format {format!r}; choose one of {sorted(IMPORTERS)}")
+    given = {k: v for k, v in options.items() if v is not None and v is not False and v != {} and v != []}
+    unknown = sorted(set(given) - set(OPTIONS))
+    if unknown:
+        raise CatalogError(f"unknown importer option(s) {unknown}; known: {list(OPTIONS)}")
+    unused = sorted(set(given) - set(importer.required) - set(importer.optional))
+    if unused:
+        raise CatalogError(f"--format {format} does not use {', '.join(flag(o) for o in unused)}")
+    for option, default in (importer.defaults or {}).items():
+        if option not in given:
+            value = default()
+            if value is not None:
+                given[option] = value
+    missing = [o for o in importer.required if o not in given]
+    if missing:
+        raise CatalogError(f"--format {format} needs {', '.join(flag(o) for o in missing)}")
+    return importer.run(out, **given)
+
+
+def _ml100k_default_src() -> Path | None:
+    """``$TOWERREC_ML100K``, else the project's ``../shared/datasets`` copy where it exists."""
+    env = os.environ.get("TOWERREC_ML100K")
+    if env:
+        return Path(env)
+    guess = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "movielens-100k-mm"
+    return guess if guess.is_dir() else None
+
+
+@register("generic", "any CSV/Parquet pair of items and interactions",
+          required=("items", "interactions"), optional=("mapping", "media_root", "drop_unknown_items"))
+def _generic(out, items, interactions, mapping=None, media_root=None, drop_unknown_items=False) -> Catalog:
+    return prepare_generic(items, interactions, out, mapping, media_root, drop_unknown_items)
+
+
+def prepare_generic(
+    items_path: str | Path,
+    interactions_path: str | Path,
+    out: str | Path,
+    mapping: dict[str, str] | None = None,
+    media_root: str | Path | None = None,
+    drop_unknown_items: bool = False,
+) -> Catalog:
+    """Build a catalog from any CSV/Parquet pair.
+
+    ``mapping`` renames source columns to canonical ones, e.g. ``{"movieId": "item_id"}``. Media paths in the
+    items table are relative to ``media_root`` (default: the items file's folder) and are copied into the
+    catalog under ``media/``; a path that escapes ``media_root`` is an error.
+    """
+    items_path, interactions_path = Path(items_path), Path(interactions_path)
+    mapping = mapping or {}
+    items = read_table(items_path)
+    interactions = read_table(interactions_path)
+    items = items.rename({k: v for k, v in mapping.items() if k in items.columns})
+    interactions = interactions.rename({k: v for k, v in mapping.items() if k in interactions.columns})
+    require_columns(items, ITEM_COLUMNS, str(items_path))
+    require_columns(interactions, INTERACTION_COLUMNS, str(interactions_path))
+    src_root = Path(media_root) if media_root else items_path.parent
+    media: dict[str, Path] = {}
+    for column in ("image_path", "audio_path"):
+        if column not in items.columns:
+            continue
+        new = []
+        for row, rel in enumerate(items[column].cast(pl.Utf8).to_list(), start=1):
+            if rel is None or rel == "":
+                new.append(None)
+                continue
+            full = (src_root / rel).resolve()
+            if Path(rel).is_absolute() or not full.is_relative_to(src_root.resolve()):
+                raise CatalogError(f"{items_path} row {row}: {column} {rel!r} is outside the media folder {src_root}")
+            if not full.is_file():
+                raise CatalogError(f"{items_path} row {row}: {column} {rel!r} does not exist under {src_root}")
+            target = f"media/{Path(rel).as_posix()}"
+            media[target] = full
+            new.append(target)
+        items = items.with_columns(pl.Series(column, new, dtype=pl.Utf8))
+    items = validate_items(items, str(items_path))
+    if drop_unknown_items:
+        keep = interactions["item_id"].cast(items["item_id"].dtype, strict=False).is_in(items["item_id"].implode())
+        dropped = int((~keep).sum())
+        if dropped:
+            logger.warning("dropping %d interactions with items missing from %s", dropped, items_path)
+        interactions = interactions.filter(keep)
+    interactions = validate_interactions(interactions, items, str(interactions_path))
+    return write_catalog(out, items, interactions, media, meta={"source": str(items_path)})
+
+
+def _genres_from_flags(df: pl.DataFrame, names: list[str]) -> pl.Series:
+    flags = df.select(names).to_numpy()
+    return pl.Series("genres", [", ".join(n for n, f in zip(names, row) if f) for row in flags], dtype=pl.Utf8)
+
+
+@register("movielens-100k", "MovieLens-100K (u.data, u.item) plus optional TMDB overviews and posters",
+          required=("src",), defaults={"src": _ml100k_default_src})
+def _ml100k(out, src) -> Catalog:
+    return prepare_movielens_100k(src, out)
+
+
+def prepare_movielens_100k(src: str | Path, out: str | Path) -> Catalog:
+    """Import MovieLens-100K (``u.data``, ``u.item``) plus TMDB ``tmdb/items.csv`` and ``posters/<id>.jpg``."""
+    src = Path(src)
+    for name in ("u.data", "u.item"):
+        if not (src / name).exists():
+            raise CatalogError(f"{src / name}: file not found (expected the MovieLens-100K release here)")
+    genre_names = ["unknown", "Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary",
+                   "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
+                   "Thriller", "War", "Western"]
+    uitem = pl.read_csv(
+        src / "u.item", separator="|", has_header=False, encoding="latin1", quote_char=None,
+        new_columns=["item_id", "title", "release", "video", "imdb", *genre_names],
+        schema_overrides={"item_id": pl.Int64},
+    )
+    items = uitem.select("item_id", "title").with_columns(_genres_from_flags(uitem, genre_names))
+    tmdb_path = src / "tmdb" / "items.csv"
+    if tmdb_path.exists():
+        tmdb = read_table(tmdb_path).select(
+            pl.col("movie_id").cast(pl.Int64).alias("item_id"),
+            pl.col("overview").cast(pl.Utf8).alias("text"),
+            pl.col("year").cast(pl.Float64, strict=False).fill_nan(None).cast(pl.Int64).alias("year"),
+        ).unique("item_id", keep="first")
+        items = items.join(tmdb, on="item_id", how="left")
+    media: dict[str, Path] = {}
+    paths = []
+    for item_id in items["item_id"].to_list():
+        poster = src / "posters" / f"{item_id}.jpg"
+        if poster.exists():
+            rel = f"media/posters/{item_id}.jpg"
+            media[rel] = poster
+            paths.append(rel)
+        else:
+            paths.append(None)
+    items = items.with_columns(pl.Series("image_path", paths, dtype=pl.Utf8))
+    udata = pl.read_csv(
+        src / "u.data", separator="\t", has_header=False,
+        new_columns=["user_id", "item_id", "rating", "timestamp"],
+    )
+    # Equal timestamps keep u.data's row order (a stable sort), as in the RecBole runs the README compares to.
+    return write_catalog(out, items, udata, media,
+                         meta={"source": str(src), "dataset": "movielens-100k", "tie_break": "input_order"})
+
+
+@register("movielens-latest", "MovieLens latest-small (ratings.csv, movies.csv), text only",
+          required=("src",))
+def _ml_latest(out, src) -> Catalog:
+    return prepare_movielens_latest(src, out)
+
+
+def prepare_movielens_latest(src: str | Path, out: str | Path) -> Catalog:
+    """Import MovieLens latest-small (``ratings.csv`` + ``movies.csv``), text only.
+
+    As in LlamaRec's protocol, ratings of movies missing from ``movies.csv`` are dropped.
+    """
+    src = Path(src)
+    movies = read_table(src / "movies.csv")
+    ratings = read_table(src / "ratings.csv")
+    require_columns(movies, ("movieId", "title", "genres"), str(src / "movies.csv"))
+    require_columns(ratings, ("userId", "movieId", "timestamp"), str(src / "ratings.csv"))
+    items = movies.select(
+        pl.col("movieId").cast(pl.Int64).alias("item_id"),
+        pl.col("title").cast(pl.Utf8),
+        pl.col("genres").cast(pl.Utf8).str.replace_all(r"\|", ", ").alias("genres"),
+    )
+    interactions = ratings.select(
+        pl.col("userId").alias("user_id"), pl.col("movieId").cast(pl.Int64).alias("item_id"),
+        pl.col("timestamp"), pl.col("rating"),
+    )
+    known = interactions["item_id"].is_in(items["item_id"].implode())
+    if (~known).any():
+        logger.warning("dropping %d ratings of movies missing from movies.csv", int((~known).sum()))
+        interactions = interactions.filter(known)
+    return write_catalog(out, items, interactions,
+                         meta={"source": str(src), "dataset": "movielens-latest-small", "tie_break": "item_id"})
