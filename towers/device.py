@@ -16,7 +16,7 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present; asking for CUDA without it is a :class:`DeviceError`."""
     name = str(name).strip()
     if not _DEVICE.match(name):
-        raise DeviceError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
+        raise DeviceError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from configs import Config
@@ -52,6 +52,8 @@ class TwoTower(nn.Module):
             out.append("item.text.backbone.")
         if self.item.image is not None and not self.config.item.image.trainable and self.config.item.image.pretrained:
             out.append("item.image.visual.")
+        if self.item.audio is not None and not self.config.item.audio.trainable and self.config.item.audio.pretrained:
+            out.append("item.audio.model.")
         return out
 
 
@@ -77,7 +79,7 @@ def save_towers(model: TwoTower, run_dir: str | Path | RunDir, extra: dict | Non
     state = trainable_state(model)
     meta = {"num_ids": str(model.item.num_ids), **{k: str(v) for k, v in (extra or {}).items()}}
     tmp = run.path / f".{run.WEIGHTS}.tmp"
-    save_file(state, str(tmp), metadata=meta)
+    tmp.write_bytes(save(state, metadata=meta))  # not save_file: it creates the file 0600, whatever the umask
     tmp.replace(run.weights_path)
     write_text(run.config_path, model.config.to_json())
 
@@ -85,7 +87,8 @@ def save_towers(model: TwoTower, run_dir: str | Path | RunDir, extra: dict | Non
 def trainable_state(model: TwoTower) -> dict[str, torch.Tensor]:
     """The state dict without frozen pretrained backbones (those reload from their model reference)."""
     frozen = tuple(model.frozen_prefixes())
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith(frozen)}
+    # clone: on the CPU, .cpu() would return the live parameters, which later optimizer steps change in place
+    return {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items() if not k.startswith(frozen)}
 
 
 def load_config_from_run(run_dir: str | Path | RunDir) -> Config:

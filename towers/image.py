@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from configs import ImageEncoderConfig
+from errors import ConfigError, ModelLoadError
 
 _CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 _registered = False
@@ -24,16 +25,29 @@ def _register_configs() -> None:
 
 
 def create_clip(arch: str, pretrained: str = "", image_size: int | None = None):
-    """Build an open_clip model by name; ``pretrained`` is a tag (hub) or a local checkpoint file."""
+    """Build an open_clip model by name; ``pretrained`` is a tag (hub) or a local checkpoint file.
+
+    An unknown architecture is a :class:`ConfigError`; pretrained weights that cannot be found or fetched (an
+    unknown tag, a missing file, no network) are one :class:`ModelLoadError` naming them.
+    """
     import open_clip
 
     _register_configs()
     if arch not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip architecture {arch!r}")
+        raise ConfigError(f"unknown open_clip architecture {arch!r}")
     kwargs = {}
     if image_size:
         kwargs["force_image_size"] = image_size
-    return open_clip.create_model(arch, pretrained=pretrained or None, **kwargs)
+    if not pretrained:
+        return open_clip.create_model(arch, **kwargs)
+    try:
+        return open_clip.create_model(arch, pretrained=pretrained, **kwargs)
+    except (RuntimeError, OSError) as err:  # open_clip reports unknown tags and failed downloads as RuntimeError
+        raise ModelLoadError(
+            f"cannot load pretrained={pretrained!r} for the open_clip image tower {arch!r} ({err}); a tag downloads "
+            f"once into the Hugging Face cache, so run once with network access, or give a local checkpoint file, "
+            f"or set item.image.pretrained='' for a random init"
+        ) from err
 
 
 class ImageEncoder(nn.Module):

@@ -64,9 +64,14 @@ class ItemTower(nn.Module):
                 feats["image"] = self.image(batch["pixels"])
             if "image" in feats:
                 masks["image"] = batch["image_mask"]
-        if self.audio is not None and "waveforms" in batch:
-            feats["audio"] = self.audio(batch["waveforms"], batch["waveform_lengths"])
-            masks["audio"] = batch["audio_mask"]
+        if self.audio is not None and "waveforms" in batch and bool(batch["audio_mask"].any()):
+            # Only items that have audio go through the encoder: placeholder rows of the others would
+            # otherwise count in its batch-norm statistics (and cost a forward pass).
+            mask = batch["audio_mask"]
+            rows = mask.nonzero().squeeze(1)
+            present = self.audio(batch["waveforms"].index_select(0, rows), batch["waveform_lengths"].index_select(0, rows))
+            feats["audio"] = present.new_zeros(len(mask), present.shape[1]).index_copy(0, rows, present)
+            masks["audio"] = mask
         if self.num_ids and "id_index" in batch:
             idx = batch["id_index"]
             if int(idx.max()) >= self.num_ids:

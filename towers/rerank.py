@@ -7,14 +7,16 @@ z-scoring each within the user's candidate list: ``z(retrieval) + weight * z(llm
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
 from torch import nn
 
 from configs import RerankConfig
+from data.items import pad_batch
+from errors import ModelLoadError
 from towers.hub import resolve_model
-from towers.user import pad_batch
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ class LLMReranker(nn.Module):
         return int(ids[-1])  # the answer's first distinguishing token
 
     def question_ids(self, title: str) -> list[int]:
+        """Token ids of the candidate question that follows the profile (no special tokens)."""
         return list(self.tokenizer(QUESTION.format(title=title), add_special_tokens=False)["input_ids"])
 
     @torch.inference_mode()
@@ -55,10 +58,15 @@ class LLMReranker(nn.Module):
 
         device = next(self.lm.parameters()).device
         body = self.lm.get_decoder()
+        kwarg = cache_kwarg(body)
         head = self.lm.get_output_embeddings().weight[[self.yes_id, self.no_id]]  # (2, H)
         cap = getattr(self.lm.config, "final_logit_softcapping", None)
         prefix = torch.as_tensor([profile_ids], device=device)
-        prefix_cache = body(input_ids=prefix, use_cache=True, cache=DynamicCache()).cache
+        # The model fills the cache object it is given in place, so the output's cache attribute (named
+        # differently across transformers versions) is never read. The config gives Gemma's sliding-window
+        # layers the same cache layout the model would build for itself.
+        prefix_cache = DynamicCache(config=self.lm.config)
+        body(input_ids=prefix, use_cache=True, **{kwarg: prefix_cache})
         scores = []
         for start in range(0, len(candidate_titles), self.cfg.batch_size):
             titles = candidate_titles[start:start + self.cfg.batch_size]
@@ -67,8 +75,8 @@ class LLMReranker(nn.Module):
             cache = _repeat_cache(prefix_cache, len(titles))
             full_mask = torch.cat([torch.ones(len(titles), prefix.shape[1], dtype=mask.dtype, device=device), mask], 1)
             positions = prefix.shape[1] + torch.arange(ids.shape[1], device=device).expand(len(titles), -1)
-            h = body(input_ids=ids, attention_mask=full_mask, cache=cache, position_ids=positions,
-                     use_cache=True).last_hidden_state  # (C, S, H)
+            h = body(input_ids=ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
+                     **{kwarg: cache}).last_hidden_state  # (C, S, H)
             last = h[torch.arange(len(titles), device=device), mask.sum(1) - 1]  # (C, H)
             logits = last.float() @ head.float().T  # (C, 2)
             if cap:
@@ -79,6 +87,24 @@ class LLMReranker(nn.Module):
     def combine(self, retrieval: torch.Tensor, llm: torch.Tensor) -> torch.Tensor:
         """Final candidate scores: z-scored retrieval plus ``weight`` times z-scored LLM log-odds."""
         return _zscore(retrieval) + self.cfg.weight * _zscore(llm)
+
+
+def cache_kwarg(decoder: nn.Module) -> str:
+    """Name of the KV-cache argument of ``decoder.forward``: ``cache`` (transformers 5.24 and later) or
+    ``past_key_values`` (5.0 to 5.23).
+
+    Detected from the signature rather than from the version number: a model that does not know the name it is
+    given swallows it into ``**kwargs`` and silently runs without the cache, which would score every candidate
+    question without its profile.
+    """
+    params = inspect.signature(decoder.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise ModelLoadError(
+        f"{type(decoder).__name__}.forward takes neither cache= nor past_key_values=; the reranker needs a "
+        "decoder with a KV cache"
+    )
 
 
 def _zscore(x: torch.Tensor) -> torch.Tensor:

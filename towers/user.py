@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from configs import UserTowerConfig
-from data.items import pad_batch  # noqa: F401  (re-exported: the reranker pads prompts the same way)
 from errors import ConfigError
 from towers.hub import load_pretrained
 

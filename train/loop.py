@@ -295,7 +295,7 @@ def fit(config: Config, model: TwoTower, states: UserStates, bank: ItemBank, spl
                     valid["recall@10"], valid["ndcg@10"])
         if valid["ndcg@10"] > best:
             best, best_epoch, bad = valid["ndcg@10"], epoch, 0
-            best_state = trainable_state(model)  # a CPU copy; frozen backbones never change
+            best_state = trainable_state(model)  # a copy (see trainable_state); frozen backbones never change
         else:
             bad += 1
             if bad >= config.train.patience:

@@ -145,7 +145,7 @@ def test_config_unknown_keys() -> None:
         config_from_dict({"bogus": 1})
     with pytest.raises(ConfigError, match=r"item\.text: unknown key\(s\) \['modle'\]"):
         config_from_dict({"item": {"text": {"modle": "x"}}})
-    with pytest.raises(ConfigError, match=r"tiny\.yaml: train: unknown key\(s\) \['bogus'\]"):
+    with pytest.raises(ConfigError, match=r"--set train\.bogus=1: train: unknown key\(s\) \['bogus'\]"):
         load_config("tiny", ["train.bogus=1"])
     with pytest.raises(ConfigError, match="no config 'no-such-setup'"):
         load_config("no-such-setup")

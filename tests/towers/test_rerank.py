@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+from torch import nn
 
 from configs import RerankConfig, load_config
+from data.profiles import ProfileBuilder
+from errors import ModelLoadError
 from towers.hub import load_tokenizer
-from towers.rerank import LLMReranker, _zscore
-from train.profiles import ProfileBuilder
+from towers.rerank import LLMReranker, _zscore, cache_kwarg
 
 MODEL = load_config("tiny").user.model  # random:tiny-decoder
 TITLES = [
@@ -72,6 +76,51 @@ def test_log_odds_independent_of_batching(reranker: LLMReranker, profile_ids: li
     # The cached prefix is not consumed: a second call on the same profile gives the same scores.
     torch.testing.assert_close(reranker.log_odds(profile_ids, TITLES[:2]), reranker.log_odds(profile_ids, TITLES)[:2],
                                atol=1e-4, rtol=0)
+
+
+class _PastKeyValuesDecoder(nn.Module):
+    """The decoder API of transformers 5.0 to 5.23 around the real decoder: the cache goes in as
+    ``past_key_values=`` and comes out as ``.past_key_values``; an unknown ``cache=`` is swallowed by ``**kwargs``
+    (what 5.17 does, which made the reranker fail with "no attribute 'cache'")."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None,
+                **kwargs):
+        out = self.body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=use_cache, **{cache_kwarg(self.body): past_key_values})
+        return SimpleNamespace(last_hidden_state=out.last_hidden_state, past_key_values=past_key_values)
+
+
+class _CacheDecoder(_PastKeyValuesDecoder):
+    """The API from 5.24: ``cache=`` in, ``.cache`` out, an unknown ``past_key_values=`` swallowed."""
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None, **kwargs):
+        out = super().forward(input_ids, attention_mask, position_ids, past_key_values=cache, use_cache=use_cache)
+        return SimpleNamespace(last_hidden_state=out.last_hidden_state, cache=cache)
+
+
+@pytest.mark.parametrize("api", [_PastKeyValuesDecoder, _CacheDecoder])
+def test_shared_prefix_with_either_cache_api(api: type, reranker: LLMReranker, profile_ids: list[int],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both spellings of the KV-cache argument across transformers 5.x give the full-prompt scores."""
+    want = torch.tensor([_reference_log_odds(reranker, profile_ids, t) for t in TITLES])
+    shim = api(reranker.lm.get_decoder())
+    monkeypatch.setattr(reranker.lm, "get_decoder", lambda: shim)
+    torch.testing.assert_close(reranker.log_odds(profile_ids, TITLES), want, atol=1e-4, rtol=0)
+
+
+def test_cache_kwarg_detection() -> None:
+    class NoCache(nn.Module):
+        def forward(self, input_ids, **kwargs):
+            return input_ids
+
+    assert cache_kwarg(_PastKeyValuesDecoder(NoCache())) == "past_key_values"
+    assert cache_kwarg(_CacheDecoder(NoCache())) == "cache"
+    with pytest.raises(ModelLoadError, match="takes neither cache= nor past_key_values="):
+        cache_kwarg(NoCache())
 
 
 def test_combine_weight_zero_keeps_retrieval_order(tokenizer) -> None:

@@ -316,3 +316,14 @@ def test_user_tower_mlp_head() -> None:
         emb = tower.encode_users(ids, mask)
     _assert_unit_rows(emb, 2)
     assert [m.out_features for m in tower.head.net if isinstance(m, torch.nn.Linear)] == [16, DIM]
+
+
+def test_image_pretrained_that_cannot_load_is_one_model_load_error(tmp_path: Path) -> None:
+    import re
+
+    from errors import ModelLoadError
+
+    for pretrained in ("no_such_tag", str(tmp_path / "missing.pt")):
+        want = re.escape(f"cannot load pretrained='{pretrained}' for the open_clip image tower 'towerrec-vit-micro'")
+        with pytest.raises(ModelLoadError, match=want):
+            ImageEncoder(ImageEncoderConfig(arch="towerrec-vit-micro", image_size=32, pretrained=pretrained))
