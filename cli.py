@@ -40,7 +40,13 @@ def cmd_train(args) -> None:
     from configs import load_config
     from train.loop import train
 
-    config = load_config(args.config, args.set)
+    overrides = list(args.set)
+    if args.device is not None:
+        from towers.device import resolve_device
+
+        resolve_device(args.device)  # an unknown or absent device is named as such, before any work
+        overrides.append(f"train.device={args.device}")
+    config = load_config(args.config, overrides)
     result = train(config, args.catalog, args.run, progress=not args.quiet, overwrite=args.overwrite)
     print(json.dumps({"run": str(result.run_dir), "best_epoch": result.best_epoch, "valid": result.valid,
                       "test_retrieval": result.test, "seconds": round(result.seconds, 1)}, indent=2))
@@ -125,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--catalog", required=True)
     s.add_argument("--run", required=True, help="run directory to write")
     s.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    s.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the config's train.device)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_train)
 
@@ -162,12 +169,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# towerrec's own loggers (``logging.getLogger(__name__)`` in these packages).
+OWN_LOGGERS = ("cli", "configs", "data", "index", "towers", "train", "__main__")
+
+
+def _own_or_error(record: logging.LogRecord) -> bool:
+    """Without -v, third-party warnings stay quiet (open_clip warns on the root logger that a tower it was
+    asked to build from scratch has no pretrained weights); their errors and towerrec's warnings still show."""
+    return record.levelno >= logging.ERROR or record.name.split(".")[0] in OWN_LOGGERS
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (2 for bad input, with one line on stderr)."""
     args = build_parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    if not verbose:
+        handler.addFilter(_own_or_error)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
     try:
         args.func(args)
     except TowerrecError as err:

@@ -4,11 +4,32 @@
     ``item_id`` (int or str), ``title`` (str), optional ``text``, ``image_path``, ``audio_path`` (paths
     relative to the catalog folder, null when the item lacks that modality) and any extra columns.
 ``<catalog>/interactions.parquet``
-    ``user_id`` (int or str), ``item_id``, ``timestamp`` (int64 unix seconds), optional ``rating``.
+    ``user_id`` (int or str), ``item_id``, ``timestamp`` (int64 unix seconds), optional ``rating`` (float64).
 ``<catalog>/catalog.json``
     Where the catalog came from and its row counts.
 
-Every validation problem raises :class:`CatalogError` naming the file, row and field.
+Every validation problem raises :class:`CatalogError` (or :class:`MediaError` for a media file) as one line
+naming the file, the row (1-based, header excluded) and the field or item id.
+
+What is refused: a table with no rows, a missing column, an empty or duplicate ``item_id``, an unreadable
+``user_id``/``item_id``, an interaction with an item not in the items table, an unreadable timestamp, a
+``rating`` cell that is empty, not a number, NaN or infinite (a catalog either rates every interaction or
+has no ``rating`` column), a media path that is absolute, contains ``..`` or resolves outside the catalog
+folder (also when a stored catalog is loaded), and, when a catalog is written, a media file that does not
+fully decode (see :mod:`data.media`).
+
+Timestamps are read from:
+
+- integer or float unix time in seconds, milliseconds, microseconds or nanoseconds. The scale is detected
+  from each value's magnitude: up to 1e11 is seconds (1e11 s is the year 5138), up to 1e14 milliseconds,
+  up to 1e17 microseconds, above that nanoseconds. Anything but seconds is converted to seconds (floored)
+  with a WARNING naming the scale and the row count. A column whose values fall in different scales is
+  refused, naming the first row whose scale differs from the first numeric row's;
+- ISO-8601 dates and datetimes (``2026-03-12``, ``2026-03-12 08:37:00``, ``2026-03-12T08:37:00.5Z``,
+  ``...+02:00``), read as UTC unless they carry an offset;
+- Parquet ``Date``/``Datetime`` columns.
+
+A text column may mix unix numbers and ISO-8601 strings; the scale check applies to the numbers.
 """
 
 from __future__ import annotations
@@ -17,18 +38,21 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
 from data.atomic import publish_dir, temp_dir
+from data.media import check_audio, check_image
 from errors import CatalogError, MediaError
 
 logger = logging.getLogger(__name__)
 
 ITEM_COLUMNS = ("item_id", "title")
 OPTIONAL_ITEM_COLUMNS = ("text", "image_path", "audio_path")
+MEDIA_COLUMNS = ("image_path", "audio_path")
 INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
 ITEMS_FILE = "items.parquet"
 INTERACTIONS_FILE = "interactions.parquet"
@@ -53,7 +77,7 @@ class Catalog:
         """
         if relative is None:
             return None
-        return confined_media_path(self.root, relative)
+        return confined_media_path(self.root, relative, where=str(self.root / ITEMS_FILE))
 
 
 def confined_media_path(root: Path, relative: str, where: str = "") -> Path:
@@ -91,29 +115,77 @@ def _first_bad_row(mask: pl.Series) -> int:
     return int(mask.arg_true()[0]) + 1
 
 
+# (name, divisor to seconds, smallest magnitude in this scale). 1e11 s is the year 5138 and 1e11 ms is 1973, so
+# any timestamp of real data lands in exactly one band; see the module docstring.
+_TIME_SCALES = (("seconds", 1, 0.0), ("milliseconds", 10**3, 1e11), ("microseconds", 10**6, 1e14),
+                ("nanoseconds", 10**9, 1e17))
+
+
+def _unreadable_timestamp(col: pl.Series, bad: pl.Series, source: str) -> CatalogError:
+    row = _first_bad_row(bad)
+    return CatalogError(f"{source} row {row}: unreadable timestamp {col[row - 1]!r} in field 'timestamp'")
+
+
+def _to_seconds(ints: pl.Series, floats: pl.Series, col: pl.Series, source: str) -> tuple[pl.Series, pl.Series]:
+    """Unix times in any one scale (see :data:`_TIME_SCALES`) -> seconds, for the integer and float values.
+
+    ``ints`` and ``floats`` are aligned with ``col`` and null where that row is not a number of their kind.
+    """
+    magnitude = ints.cast(pl.Float64).fill_null(floats).abs()
+    band_expr = pl.when(magnitude.is_null()).then(None)
+    for i in range(len(_TIME_SCALES) - 1, 0, -1):
+        band_expr = band_expr.when(magnitude >= _TIME_SCALES[i][2]).then(i)
+    band = pl.select(band_expr.otherwise(0).cast(pl.Int8)).to_series()  # index into _TIME_SCALES, per row
+    numeric = band.is_not_null()
+    if not numeric.any():
+        return ints, floats
+    first = _first_bad_row(numeric)
+    first_band = int(band[first - 1])
+    mixed = numeric & (band != first_band)
+    if mixed.any():
+        row = _first_bad_row(mixed)
+        raise CatalogError(
+            f"{source} row {row}: timestamp {col[row - 1]!r} looks like unix {_TIME_SCALES[int(band[row - 1])][0]} "
+            f"but row {first} ({col[first - 1]!r}) looks like unix {_TIME_SCALES[first_band][0]}; field 'timestamp' "
+            "must use one scale")
+    name, divisor, low = _TIME_SCALES[first_band]
+    if divisor == 1:
+        return ints, floats
+    # The largest value as given (exact for integers: a float64 would round nanoseconds).
+    largest = max(v for v in (ints.abs().max(), floats.abs().max()) if v is not None)
+    logger.warning("%s: timestamps look like unix %s (largest %s, at least %.0e); converted %d rows to seconds",
+                   source, name, largest, low, int(numeric.sum()))
+    return ints // divisor, (floats / divisor).floor()
+
+
 def _parse_timestamps(col: pl.Series, source: str) -> pl.Series:
-    if col.dtype.is_integer():
-        out = col.cast(pl.Int64)
-    elif col.dtype.is_float():
-        out = col.cast(pl.Int64, strict=False)
-    elif col.dtype == pl.Datetime or col.dtype == pl.Date:
+    """Any supported timestamp column (see the module docstring) -> int64 unix seconds."""
+    if col.dtype == pl.Datetime or col.dtype == pl.Date:
         out = col.cast(pl.Datetime("us")).dt.epoch("s")
+        if out.is_null().any():
+            raise _unreadable_timestamp(col, out.is_null(), source)
+        return out.rename("timestamp")
+    iso = pl.Series([None] * len(col), dtype=pl.Int64)
+    if col.dtype.is_integer():
+        ints, floats = col.cast(pl.Int64), pl.Series([None] * len(col), dtype=pl.Float64)
+    elif col.dtype.is_float():
+        ints, floats = pl.Series([None] * len(col), dtype=pl.Int64), col.cast(pl.Float64)
     else:
         text = col.cast(pl.Utf8).str.strip_chars()
-        out = text.cast(pl.Int64, strict=False)
-        if out.null_count() > col.null_count():
-            out = out.fill_null(text.cast(pl.Float64, strict=False).cast(pl.Int64, strict=False))
-        rest = out.is_null() & text.is_not_null()
+        ints = text.cast(pl.Int64, strict=False)  # exact, even for nanoseconds (beyond float64's 2**53)
+        floats = text.cast(pl.Float64, strict=False).set(ints.is_not_null(), None)
+        rest = ints.is_null() & floats.is_null() & text.is_not_null()
         if rest.any():
             try:  # ISO-8601 dates and datetimes; polars raises when no format fits at all
-                parsed = text.str.to_datetime(strict=False, time_zone="UTC").dt.epoch("s")
-                out = out.fill_null(parsed)
+                iso = text.set(~rest, None).str.to_datetime(strict=False, time_zone="UTC").dt.epoch("s")
             except pl.exceptions.PolarsError:
                 pass
-    bad = out.is_null()
-    if bad.any():
-        row = _first_bad_row(bad)
-        raise CatalogError(f"{source} row {row}: unreadable timestamp {col[row - 1]!r} in field 'timestamp'")
+    # NaN and infinity are not times: leave them null so they are reported as unreadable.
+    floats = floats.set(~floats.is_finite().fill_null(True), None)
+    ints, floats = _to_seconds(ints, floats, col, source)
+    out = ints.fill_null(floats.cast(pl.Int64, strict=False)).fill_null(iso)
+    if out.is_null().any():
+        raise _unreadable_timestamp(col, out.is_null(), source)
     return out.rename("timestamp")
 
 
@@ -128,9 +200,16 @@ def _normalise_ids(col: pl.Series) -> pl.Series:
     return text  # string ids stay strings, so "007" keeps its zeros
 
 
-def validate_items(items: pl.DataFrame, source: str, root: Path | None = None) -> pl.DataFrame:
-    """Check and normalise an items table; media paths must stay inside ``root``."""
+def validate_items(items: pl.DataFrame, source: str, root: Path | None = None,
+                   require_files: bool = True) -> pl.DataFrame:
+    """Check and normalise an items table.
+
+    With ``root``, media paths must resolve inside ``root`` (symlinks included) and, with ``require_files``,
+    name existing files. Without it only their form is checked (relative, no ``..``).
+    """
     require_columns(items, ITEM_COLUMNS, source)
+    if items.height == 0:
+        raise CatalogError(f"{source}: no rows (the items table needs at least one item)")
     items = items.with_columns(_normalise_ids(items["item_id"]))
     null = items["item_id"].is_null()
     if null.any():
@@ -144,7 +223,7 @@ def validate_items(items: pl.DataFrame, source: str, root: Path | None = None) -
         if column not in items.columns:
             items = items.with_columns(pl.lit(None, dtype=pl.Utf8).alias(column))
         items = items.with_columns(pl.col(column).cast(pl.Utf8))
-    for column in ("image_path", "audio_path"):
+    for column in MEDIA_COLUMNS:
         for row, rel in enumerate(items[column].to_list(), start=1):
             if rel is None:
                 continue
@@ -156,21 +235,41 @@ def validate_items(items: pl.DataFrame, source: str, root: Path | None = None) -
                 full = root / rel
                 if not full.resolve().is_relative_to(root.resolve()):
                     raise CatalogError(f"{source} row {row}: {column} {rel!r} is outside the catalog folder {root}")
-                if not full.is_file():
+                if require_files and not full.is_file():
                     raise CatalogError(f"{source} row {row}: {column} {rel!r} does not exist under {root}")
     return items
+
+
+def _parse_ratings(col: pl.Series, source: str) -> pl.Series:
+    """A rating column -> float64; an empty, non-numeric, NaN or infinite cell is refused (see module docstring)."""
+    if col.dtype.is_numeric() or col.dtype == pl.Boolean:
+        out = col.cast(pl.Float64)
+    else:
+        out = col.cast(pl.Utf8).str.strip_chars().cast(pl.Float64, strict=False)
+    empty = col.is_null() | (col.cast(pl.Utf8).str.strip_chars() == "").fill_null(True)
+    if empty.any():
+        row = _first_bad_row(empty)
+        raise CatalogError(f"{source} row {row}: empty field 'rating' (rate every interaction, or leave the "
+                           "rating column out)")
+    bad = out.is_null() | ~out.is_finite().fill_null(False)
+    if bad.any():
+        row = _first_bad_row(bad)
+        raise CatalogError(f"{source} row {row}: rating {col[row - 1]!r} is not a finite number (field 'rating')")
+    return out.rename("rating")
 
 
 def validate_interactions(interactions: pl.DataFrame, items: pl.DataFrame, source: str) -> pl.DataFrame:
     """Check and normalise an interactions table against the items it refers to."""
     require_columns(interactions, INTERACTION_COLUMNS, source)
+    if interactions.height == 0:
+        raise CatalogError(f"{source}: no rows (the interactions table needs at least one interaction)")
     cols = [
         _normalise_ids(interactions["user_id"]).rename("user_id"),
         interactions["item_id"].cast(items["item_id"].dtype, strict=False).rename("item_id"),
         _parse_timestamps(interactions["timestamp"], source),
     ]
     if "rating" in interactions.columns:
-        cols.append(interactions["rating"].cast(pl.Float64, strict=False).rename("rating"))
+        cols.append(_parse_ratings(interactions["rating"], source))
     out = pl.DataFrame(cols)
     for column in ("user_id", "item_id"):
         null = out[column].is_null()
@@ -191,7 +290,9 @@ def load_catalog(root: str | Path) -> Catalog:
     root = Path(root)
     if not root.is_dir():
         raise CatalogError(f"{root}: catalog folder not found (run `towerrec prepare` first)")
-    items = validate_items(read_table(root / ITEMS_FILE), str(root / ITEMS_FILE))
+    # Media paths are confined here too (a hand-edited items.parquet must not point the engine at
+    # /etc/passwd); a missing file is left to decoding time, which names it.
+    items = validate_items(read_table(root / ITEMS_FILE), str(root / ITEMS_FILE), root=root, require_files=False)
     interactions = validate_interactions(read_table(root / INTERACTIONS_FILE), items, str(root / INTERACTIONS_FILE))
     meta_path = root / META_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
@@ -211,17 +312,51 @@ def catalog_sha256(root: str | Path) -> str:
     return h.hexdigest()
 
 
+def check_media(items: pl.DataFrame, root: Path, source: str, media: dict[str, Path] | None = None) -> int:
+    """Decode every image and audio file an items table names, completely; returns how many were checked.
+
+    Paths are relative to ``root``; ``media`` maps some of them to the source files they were copied from,
+    which is the file an error names (the one the user can fix). The first failure raises a
+    :class:`MediaError` naming ``source``, the row, the item id, the column and the file.
+    """
+    checkers = {"image_path": check_image, "audio_path": check_audio}
+    media = media or {}
+    seen: set[Path] = set()  # one file shared by several items is decoded once
+    start = time.perf_counter()
+    for column, check in checkers.items():
+        rows = items.select("item_id", column).iter_rows()
+        for row, (item_id, rel) in enumerate(rows, start=1):
+            if rel is None:
+                continue
+            path = Path(media.get(rel, root / rel))
+            if path in seen:
+                continue
+            try:
+                check(path)
+            except MediaError as err:
+                raise MediaError(f"{source} row {row}: item_id {item_id!r}, field {column!r}: {err}") from None
+            seen.add(path)
+    logger.info("decoded %d media files in %.1f s", len(seen), time.perf_counter() - start)
+    return len(seen)
+
+
 def write_catalog(
     out: str | Path,
     items: pl.DataFrame,
     interactions: pl.DataFrame,
     media: dict[str, Path] | None = None,
     meta: dict | None = None,
+    *,
+    items_source: str = "items",
+    interactions_source: str = "interactions",
 ) -> Catalog:
     """Validate and write a catalog atomically: built in a temporary folder, then renamed into place.
 
     ``media`` maps relative paths (as stored in ``image_path``/``audio_path``) to source files to copy in.
-    An existing catalog at ``out`` is replaced only once the new one is complete.
+    Every media file is decoded once, completely (:func:`check_media`), so a corrupt or truncated one is
+    refused here rather than half-way through training. ``items_source`` and ``interactions_source`` name the
+    tables in error messages (importers pass the files they read). An existing catalog at ``out`` is replaced
+    only once the new one is complete.
     """
     out = Path(out)
     tmp = temp_dir(out.parent, f".{out.name}-")
@@ -232,8 +367,10 @@ def write_catalog(
                 raise CatalogError(f"media path {rel!r} is outside the catalog folder")
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst)
-        items = validate_items(items, "items", root=tmp)
-        interactions = validate_interactions(interactions, items, "interactions")
+        items = validate_items(items, items_source, root=tmp)
+        interactions = validate_interactions(interactions, items, interactions_source)
+        # After the tables: a wrong column is reported before thousands of files are decoded.
+        check_media(items, tmp, items_source, media)
         items.write_parquet(tmp / ITEMS_FILE)
         interactions.write_parquet(tmp / INTERACTIONS_FILE)
         info = dict(meta or {}, items=items.height, interactions=interactions.height,

@@ -2,6 +2,11 @@
 
 Every format is registered once in :data:`IMPORTERS` with the options it takes, so the CLI and Python callers
 share one entry point, :func:`prepare`, and a new format is one decorated function here.
+
+Importers drop source rows only when told to (generic: ``--drop-unknown-items``) or when the dataset's protocol
+says so (movielens-latest: ratings of movies missing from ``movies.csv``; movielens-100k: repeated rows of the
+TMDB side table). Every drop is logged at WARNING level with its count and reason, so it shows without ``-v``.
+Everything else, media included, is validated by :func:`data.catalog.write_catalog`.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ from data.catalog import (
     Catalog,
     read_table,
     require_columns,
-    validate_interactions,
     validate_items,
     write_catalog,
 )
@@ -106,6 +110,34 @@ def _generic(out, items, interactions, mapping=None, media_root=None, drop_unkno
     return prepare_generic(items, interactions, out, mapping, media_root, drop_unknown_items)
 
 
+def _apply_mapping(mapping: dict[str, str], tables: list[tuple[pl.DataFrame, Path]]) -> list[pl.DataFrame]:
+    """Rename columns of each ``(table, path)`` by ``mapping`` (source -> canonical), refusing ambiguity.
+
+    Each of these is a :class:`CatalogError` naming the files and columns: a source column in neither table, a
+    rename onto a column the table already has (unless that one is renamed away in the same mapping, as in a
+    swap), and two columns renamed onto one. Polars would otherwise fail with a traceback, or the mapping would
+    silently do nothing.
+    """
+    for src, dst in mapping.items():
+        if not any(src in df.columns for df, _ in tables):
+            where = "; ".join(f"{path} has {df.columns}" for df, path in tables)
+            raise CatalogError(f"--map {src}={dst}: column {src!r} is in neither table ({where})")
+    renamed = []
+    for df, path in tables:
+        rename = {src: dst for src, dst in mapping.items() if src in df.columns and src != dst}
+        targets: dict[str, str] = {}
+        for src, dst in rename.items():
+            if dst in targets:
+                raise CatalogError(f"{path}: --map {targets[dst]}={dst} and --map {src}={dst} both rename onto "
+                                   f"column {dst!r}")
+            targets[dst] = src
+            if dst in df.columns and dst not in rename:
+                raise CatalogError(f"{path}: --map {src}={dst} renames column {src!r} onto column {dst!r}, "
+                                   f"which the file already has (drop one of them, or map {dst!r} elsewhere too)")
+        renamed.append(df.rename(rename))
+    return renamed
+
+
 def prepare_generic(
     items_path: str | Path,
     interactions_path: str | Path,
@@ -116,16 +148,17 @@ def prepare_generic(
 ) -> Catalog:
     """Build a catalog from any CSV/Parquet pair.
 
-    ``mapping`` renames source columns to canonical ones, e.g. ``{"movieId": "item_id"}``. Media paths in the
-    items table are relative to ``media_root`` (default: the items file's folder) and are copied into the
-    catalog under ``media/``; a path that escapes ``media_root`` is an error.
+    ``mapping`` renames source columns to canonical ones, e.g. ``{"movieId": "item_id"}``; each source column
+    must exist in at least one of the two files, and must not be renamed onto a column the file already has.
+    Media paths in the items table are relative to ``media_root`` (default: the items file's folder) and are
+    copied into the catalog under ``media/``; a path that escapes ``media_root`` is an error, and so is a file
+    that does not decode completely. An interaction with an item missing from the items table is an error,
+    unless ``drop_unknown_items``: then such rows are dropped, with a WARNING giving their number.
     """
     items_path, interactions_path = Path(items_path), Path(interactions_path)
-    mapping = mapping or {}
     items = read_table(items_path)
     interactions = read_table(interactions_path)
-    items = items.rename({k: v for k, v in mapping.items() if k in items.columns})
-    interactions = interactions.rename({k: v for k, v in mapping.items() if k in interactions.columns})
+    items, interactions = _apply_mapping(mapping or {}, [(items, items_path), (interactions, interactions_path)])
     require_columns(items, ITEM_COLUMNS, str(items_path))
     require_columns(interactions, INTERACTION_COLUMNS, str(interactions_path))
     src_root = Path(media_root) if media_root else items_path.parent
@@ -148,14 +181,18 @@ def prepare_generic(
             new.append(target)
         items = items.with_columns(pl.Series(column, new, dtype=pl.Utf8))
     items = validate_items(items, str(items_path))
-    if drop_unknown_items:
+    if drop_unknown_items and interactions.height:
         keep = interactions["item_id"].cast(items["item_id"].dtype, strict=False).is_in(items["item_id"].implode())
         dropped = int((~keep).sum())
+        if dropped == interactions.height:
+            raise CatalogError(f"{interactions_path}: none of its {dropped} interactions has an item_id in "
+                               f"{items_path} (wrong --map, or ids of another type?)")
         if dropped:
-            logger.warning("dropping %d interactions with items missing from %s", dropped, items_path)
+            logger.warning("%s: dropping %d of %d interactions whose item_id is not in %s (--drop-unknown-items)",
+                           interactions_path, dropped, interactions.height, items_path)
         interactions = interactions.filter(keep)
-    interactions = validate_interactions(interactions, items, str(interactions_path))
-    return write_catalog(out, items, interactions, media, meta={"source": str(items_path)})
+    return write_catalog(out, items, interactions, media, meta={"source": str(items_path)},
+                         items_source=str(items_path), interactions_source=str(interactions_path))
 
 
 def _genres_from_flags(df: pl.DataFrame, names: list[str]) -> pl.Series:
@@ -186,12 +223,18 @@ def prepare_movielens_100k(src: str | Path, out: str | Path) -> Catalog:
     items = uitem.select("item_id", "title").with_columns(_genres_from_flags(uitem, genre_names))
     tmdb_path = src / "tmdb" / "items.csv"
     if tmdb_path.exists():
-        tmdb = read_table(tmdb_path).select(
+        tmdb = read_table(tmdb_path)
+        repeated = tmdb.height - tmdb["movie_id"].n_unique()  # rows that unique(keep="first") drops below
+        if repeated:
+            exact = tmdb.height - tmdb.unique().height == repeated
+            logger.warning("%s: dropping %d rows that repeat a movie_id (%s; the first row of each is kept)",
+                           tmdb_path, repeated, "exact duplicates" if exact else "with differing values")
+        tmdb = tmdb.select(
             pl.col("movie_id").cast(pl.Int64).alias("item_id"),
             pl.col("overview").cast(pl.Utf8).alias("text"),
             pl.col("year").cast(pl.Float64, strict=False).fill_nan(None).cast(pl.Int64).alias("year"),
-        ).unique("item_id", keep="first")
-        items = items.join(tmdb, on="item_id", how="left")
+        ).unique("item_id", keep="first", maintain_order=True)
+        items = items.join(tmdb, on="item_id", how="left", maintain_order="left")
     media: dict[str, Path] = {}
     paths = []
     for item_id in items["item_id"].to_list():
@@ -209,7 +252,8 @@ def prepare_movielens_100k(src: str | Path, out: str | Path) -> Catalog:
     )
     # Equal timestamps keep u.data's row order (a stable sort), as in the RecBole runs the README compares to.
     return write_catalog(out, items, udata, media,
-                         meta={"source": str(src), "dataset": "movielens-100k", "tie_break": "input_order"})
+                         meta={"source": str(src), "dataset": "movielens-100k", "tie_break": "input_order"},
+                         items_source=str(src / "u.item"), interactions_source=str(src / "u.data"))
 
 
 @register("movielens-latest", "MovieLens latest-small (ratings.csv, movies.csv), text only",
@@ -237,9 +281,12 @@ def prepare_movielens_latest(src: str | Path, out: str | Path) -> Catalog:
         pl.col("userId").alias("user_id"), pl.col("movieId").cast(pl.Int64).alias("item_id"),
         pl.col("timestamp"), pl.col("rating"),
     )
+    # By protocol (LlamaRec), not by option: ratings of movies missing from movies.csv are dropped.
     known = interactions["item_id"].is_in(items["item_id"].implode())
     if (~known).any():
-        logger.warning("dropping %d ratings of movies missing from movies.csv", int((~known).sum()))
+        logger.warning("%s: dropping %d of %d ratings of movies missing from %s (the LlamaRec protocol)",
+                       src / "ratings.csv", int((~known).sum()), interactions.height, src / "movies.csv")
         interactions = interactions.filter(known)
     return write_catalog(out, items, interactions,
-                         meta={"source": str(src), "dataset": "movielens-latest-small", "tie_break": "item_id"})
+                         meta={"source": str(src), "dataset": "movielens-latest-small", "tie_break": "item_id"},
+                         items_source=str(src / "movies.csv"), interactions_source=str(src / "ratings.csv"))

@@ -98,11 +98,11 @@ class RunDir:
         Refuses to replace an existing run unless ``overwrite`` (its index versions would not match the new
         towers, so they go with it).
         """
+        if self.path.exists() and not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: exists and is not a folder")
         if self.path.exists() and any(self.path.iterdir()) and not overwrite:
             what = "a towerrec run" if self.config_path.is_file() else "files"
             raise CheckpointError(f"{self.path} already holds {what}; choose another --run or pass --overwrite")
-        if self.path.exists() and not self.path.is_dir():
-            raise CheckpointError(f"{self.path}: exists and is not a folder")
         return RunDir(temp_dir(self.path.parent, f".{self.path.name}-training-"))
 
     def publish(self, staged: RunDir) -> None:
@@ -137,7 +137,7 @@ class RunDir:
     def read_metrics(self) -> dict:
         if not self.metrics_path.is_file():
             raise CheckpointError(f"{self.metrics_path}: not found")
-        return json.loads(self.metrics_path.read_text())
+        return _read_json(self.metrics_path)
 
     # -- the catalog the run was trained on ------------------------------------------------------------------
     def write_catalog_ref(self, catalog: Catalog) -> None:
@@ -149,7 +149,10 @@ class RunDir:
         path = self.path / self.CATALOG_REF
         if not path.is_file():
             raise CheckpointError(f"{path}: not found; is {self.path} a towerrec run directory?")
-        return json.loads(path.read_text())
+        ref = _read_json(path)
+        if not isinstance(ref, dict) or not {"path", "sha256"} <= set(ref):
+            raise CheckpointError(f"{path}: expected the keys 'path' and 'sha256'")
+        return ref
 
     def load_catalog(self, override: str | Path | None = None) -> Catalog:
         """The training catalog, from where it was (or from ``override``), refused if its content changed.
@@ -165,9 +168,9 @@ class RunDir:
         digest = catalog_sha256(root)
         if digest != ref["sha256"]:
             raise CatalogError(
-                f"{root}: catalog content differs from the one run {self.path} was trained on (sha256 "
-                f"{digest[:12]} vs {ref['sha256'][:12]}): it was re-prepared or edited since training. Retrain, "
-                "or point --catalog at the original catalog"
+                f"{root}: catalog content changed since run {self.path} was trained on it (sha256 {digest[:12]}, "
+                f"trained on {ref['sha256'][:12]}): it was re-prepared or edited. Retrain, or point --catalog at "
+                "the original catalog"
             )
         return load_catalog(root)
 
@@ -196,7 +199,7 @@ class RunDir:
         path = self.path / self.HISTORIES
         if not path.is_file():
             raise CheckpointError(f"{path}: not found; is {self.path} a complete run directory?")
-        hist = pl.read_parquet(path).sort(["user_id", "position"])
+        hist = _read_parquet(path).sort(["user_id", "position"])
         grouped = hist.group_by("user_id", maintain_order=True).agg(pl.col("item_id"))
         return dict(zip(grouped["user_id"].to_list(), grouped["item_id"].to_list()))
 
@@ -208,4 +211,19 @@ class RunDir:
         path = self.path / self.ID_TABLE
         if not path.is_file():
             raise CheckpointError(f"{path}: not found; is {self.path} a complete run directory?")
-        return ItemSpace(pl.read_parquet(path)["item_id"].to_list(), name="id table")
+        return ItemSpace(_read_parquet(path)["item_id"].to_list(), name="id table")
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable ({err})") from None
+
+
+def _read_parquet(path: Path) -> pl.DataFrame:
+    try:
+        return pl.read_parquet(path)
+    except (OSError, pl.exceptions.PolarsError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: unreadable ({reason})") from None

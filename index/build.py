@@ -15,7 +15,7 @@ from data.catalog import Catalog, catalog_sha256, load_catalog
 from data.ids import ItemSpace, faiss_ids
 from data.items import item_loader, to_device
 from data.rundir import RunDir
-from index.store import Manifest, build_faiss, write_version
+from index.store import Manifest, build_faiss, empty_index, write_version
 from towers.device import resolve_device
 from towers.factory import TwoTower, item_fingerprint, load_towers, make_item_dataset
 
@@ -51,6 +51,8 @@ def build_index(run_dir: str | Path, catalog_dir: str | Path | None = None, fact
     config = run.read_config()
     dev = resolve_device(device)
     catalog = load_catalog(catalog_dir) if catalog_dir is not None else run.load_catalog()
+    factory = factory or config.index.factory
+    empty_index(factory, config.dim, catalog.items.height)  # a bad factory fails before the embedding work
     model = load_towers(run, dev)
     catalog_items = ItemSpace(catalog.items["item_id"].to_list(), "catalog")
     id_rows = catalog_items.to(run.read_id_table())
@@ -58,7 +60,6 @@ def build_index(run_dir: str | Path, catalog_dir: str | Path | None = None, fact
     vectors = embed_items(model, catalog, id_rows, dev, batch_size or config.item.text.batch_size,
                           num_workers, progress)
     logger.info("embedded %d items in %.1fs", len(vectors), time.time() - t0)
-    factory = factory or config.index.factory
     ids = faiss_ids(catalog.items["item_id"])
     index = build_faiss(vectors, ids, factory, config.index.nprobe, config.index.ef_search)
     items = catalog.items.select("item_id", "title", "text").insert_column(0, pl.Series("faiss_id", ids))

@@ -68,16 +68,8 @@ def build_faiss(vectors: np.ndarray, ids: np.ndarray, factory: str = "Flat", npr
     assert vectors.ndim == 2 and ids.shape == (vectors.shape[0],), (vectors.shape, ids.shape)
     if not np.isfinite(vectors).all():
         raise IndexStateError("item embeddings contain NaN or inf; the item tower's weights are broken")
-    try:
-        base = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as err:
-        raise IndexStateError(f"bad FAISS factory string {factory!r} for dimension {vectors.shape[1]}: "
-                              f"{_faiss_message(err)}") from None
+    base = empty_index(factory, vectors.shape[1], len(vectors))
     if not base.is_trained:
-        need = _min_training_points(base)
-        if len(vectors) < need:
-            raise IndexStateError(f"FAISS factory {factory!r} needs at least {need} items to train, the catalog "
-                                  f"has {len(vectors)}; use a smaller one (e.g. 'Flat' or 'IVF{max(1, len(vectors) // 39)},Flat')")
         try:
             base.train(vectors)
         except RuntimeError as err:
@@ -87,6 +79,24 @@ def build_faiss(vectors: np.ndarray, ids: np.ndarray, factory: str = "Flat", npr
     index.add_with_ids(vectors, ids)
     set_search_params(index, nprobe, ef_search)
     return index
+
+
+def empty_index(factory: str, dim: int, count: int) -> faiss.Index:
+    """An empty inner-product index for ``factory``; a clear error for a bad string or too few items to train.
+
+    Cheap, so :func:`index.build.build_index` calls it before embedding the catalog.
+    """
+    try:
+        base = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        raise IndexStateError(f"bad FAISS factory string {factory!r} for dimension {dim}: "
+                              f"{_faiss_message(err)}") from None
+    if not base.is_trained:
+        need = _min_training_points(base)
+        if count < need:
+            raise IndexStateError(f"FAISS factory {factory!r} needs at least {need} items to train, the catalog "
+                                  f"has {count}; use a smaller one (e.g. 'Flat' or 'IVF{max(1, count // 39)},Flat')")
+    return base
 
 
 def _faiss_message(err: Exception) -> str:

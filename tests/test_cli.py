@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
+import stat
 from pathlib import Path
 
 import polars as pl
 import pytest
+import torch
 
 import cli
 from index.recommender import Recommender
+from index.store import live_version
 
 SUBCOMMANDS = ("prepare", "train", "build-index", "query", "evaluate")
 
@@ -144,3 +150,250 @@ def test_evaluate_json(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
     for mode in ("retrieval", "reranked"):
         assert set(result[mode]) == {f"{m}@{k}" for m in ("recall", "ndcg", "mrr") for k in (5, 10, 20)} | {"seconds"}
         assert all(0.0 <= v <= 1.0 for key, v in result[mode].items() if key != "seconds")
+
+
+# --- one line and exit code 2 for every kind of bad input -------------------------------------------------
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative path -> bytes)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def run_copy(tiny_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny run (the session's own must never change)."""
+    dst = tmp_path / "run"
+    shutil.copytree(tiny_run, dst)
+    return dst
+
+
+def _run_cli(argv: list[str]) -> int:
+    """``cli.main`` with logging set up as it is outside pytest (whose handlers on the root logger make the CLI's
+    ``basicConfig`` a no-op), so whatever it logs reaches the captured stderr; pytest's handlers come back after."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    root.handlers.clear()
+    try:
+        return cli.main(argv)
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def _no_cuda() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here: --device cuda is valid")
+
+
+@pytest.mark.parametrize("flag, device, message", [
+    (["--device", "cuda"], "cuda", "device 'cuda' requested but CUDA is not available on this machine"),
+    (["--device", "bogus"], "bogus", "unknown device 'bogus'; use auto, cpu, cuda"),
+    (["--set", "train.device=cuda"], "cuda", "device 'cuda' requested but CUDA is not available on this machine"),
+], ids=["device-cuda", "device-bogus", "set-cuda"])
+def test_train_bad_device_is_one_line(flag: list[str], device: str, message: str, tiny_catalog: Path,
+                                      tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    if device == "cuda":
+        _no_cuda()
+    out = tmp_path / "out"
+    code = _run_cli(["train", "--config", "tiny", "--catalog", str(tiny_catalog), "--run", str(out / "run"),
+                     *flag, "--quiet"])
+    assert code == 2
+    assert _error_line(capfd, "train").startswith(f"towerrec train: error: {message}")
+    assert not out.exists() or not list(out.iterdir())  # no run, no staging folder
+
+
+@pytest.mark.parametrize("command", ["query", "build-index"])
+@pytest.mark.parametrize("device, message", [
+    ("cuda", "device 'cuda' requested but CUDA is not available on this machine"),
+    ("bogus", "unknown device 'bogus'; use auto, cpu, cuda"),
+], ids=["cuda", "bogus"])
+def test_serving_bad_device_is_one_line(command: str, device: str, message: str, tiny_run: Path,
+                                        capfd: pytest.CaptureFixture) -> None:
+    if device == "cuda":
+        _no_cuda()
+    before = _snapshot(tiny_run)
+    args = [command, "--run", str(tiny_run), "--device", device]
+    if command == "query":
+        args += ["--history", "1,50"]
+    assert _run_cli(args) == 2
+    assert _error_line(capfd, command).startswith(f"towerrec {command}: error: {message}")
+    assert _snapshot(tiny_run) == before
+
+
+@pytest.mark.parametrize("factory, message", [
+    ("Bogus123", "bad FAISS factory string 'Bogus123' for dimension 32"),
+    ("IVF1024,Flat", "FAISS factory 'IVF1024,Flat' needs at least 1024 items to train, the catalog has 150"),
+], ids=["bogus", "ivf1024"])
+def test_build_index_bad_factory_is_one_line(factory: str, message: str, run_copy: Path,
+                                             capfd: pytest.CaptureFixture) -> None:
+    before = _snapshot(run_copy)
+    # No --quiet: the factory is checked before the embedding (and its progress bar) starts.
+    code = _run_cli(["build-index", "--run", str(run_copy), "--factory", factory, "--device", "cpu"])
+    assert code == 2
+    assert message in _error_line(capfd, "build-index")
+    assert _snapshot(run_copy) == before  # no new version, LIVE unchanged
+    assert not [p for p in (run_copy / "index").iterdir() if p.name.startswith(".")]  # no temporary folder
+
+
+def test_query_truncated_weights_is_one_line(run_copy: Path, capfd: pytest.CaptureFixture) -> None:
+    weights = run_copy / "towers.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    code = _run_cli(["query", "--run", str(run_copy), "--history", "1,50", "--device", "cpu"])
+    assert code == 2
+    line = _error_line(capfd, "query")
+    assert f"{weights}: unreadable or truncated weights" in line
+
+
+def test_query_error_after_loading_the_towers_is_one_line(tiny_run: Path, capfd: pytest.CaptureFixture) -> None:
+    """Building the towers makes third-party libraries warn (open_clip: no pretrained weights); not on stderr."""
+    assert _run_cli(["query", "--run", str(tiny_run), "--user", "no-such-user", "--device", "cpu"]) == 2
+    assert _error_line(capfd, "query") == ("towerrec query: error: unknown user_id 'no-such-user'; "
+                                           "pass history=[item ids] for a new user")
+
+
+def test_verbose_shows_third_party_warnings(tiny_run: Path, capfd: pytest.CaptureFixture) -> None:
+    assert _run_cli(["query", "-v", "--run", str(tiny_run), "--user", "no-such-user", "--device", "cpu"]) == 2
+    err = capfd.readouterr().err
+    assert "No pretrained weights loaded" in err
+    assert err.strip().splitlines()[-1].startswith("towerrec query: error: unknown user_id")
+
+
+def test_query_empty_history_is_one_line(tiny_run: Path, capfd: pytest.CaptureFixture) -> None:
+    for history in ("", " , ,"):
+        assert _run_cli(["query", "--run", str(tiny_run), "--history", history, "--device", "cpu"]) == 2
+        line = _error_line(capfd, "query")
+        assert "--history is empty" in line
+        assert "exactly one of" not in line
+
+
+def test_evaluate_negative_users_names_the_flag(tiny_run: Path, capfd: pytest.CaptureFixture) -> None:
+    assert _run_cli(["evaluate", "--run", str(tiny_run), "--users", "-5", "--quiet"]) == 2
+    line = _error_line(capfd, "evaluate")
+    assert "--users" in line and "-5" in line
+
+
+@pytest.mark.parametrize("argv", [
+    ["query", "-v", "--run", "r", "--user", "1"],
+    ["query", "--run", "r", "--user", "1", "--verbose"],
+    ["-v", "query", "--run", "r", "--user", "1"],
+])
+def test_verbose_before_or_after_the_subcommand(argv: list[str]) -> None:
+    assert cli.build_parser().parse_args(argv).verbose is True
+    assert getattr(cli.build_parser().parse_args(["query", "--run", "r", "--user", "1"]), "verbose", False) is False
+
+
+def test_verbose_after_subcommand_runs(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
+    code = cli.main(["query", "-v", "--run", str(tiny_run), "--history", "1,50", "-k", "2", "--rerank", "off",
+                     "--device", "cpu", "--json"])
+    assert code == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
+
+
+# --- query text output ------------------------------------------------------------------------------------
+
+
+def test_query_text_shows_last_ten_history_items(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
+    rec = Recommender.load(tiny_run, device="cpu")
+    user = next(u for u in sorted(rec.histories) if len(rec.histories[u]) > 12)
+    history = rec.history_of(user)
+    titles = dict(zip(rec.item_ids, rec.titles))
+    code = cli.main(["query", "--run", str(tiny_run), "--user", str(user), "-k", "3", "--rerank", "off",
+                     "--device", "cpu"])
+    assert code == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"history (last 10 of {len(history)} items, most recent last):"
+    assert out[1:11] == [f"  {i}: {titles[i]}" for i in history[-10:]]
+    assert out[11] == "top-3:"
+    assert len(out) == 15
+
+
+# --- train: refusing, overwriting and interrupting ---------------------------------------------------------
+
+
+TINY_TRAIN = ["--config", "tiny", "--set", "train.epochs=1", "--quiet"]
+
+
+def test_train_refuses_existing_run(run_copy: Path, tiny_catalog: Path, capfd: pytest.CaptureFixture) -> None:
+    before = _snapshot(run_copy)
+    code = _run_cli(["train", *TINY_TRAIN, "--catalog", str(tiny_catalog), "--run", str(run_copy)])
+    assert code == 2
+    line = _error_line(capfd, "train")
+    assert f"{run_copy} already holds a towerrec run" in line and "--overwrite" in line
+    assert _snapshot(run_copy) == before
+    assert sorted(p.name for p in run_copy.parent.iterdir()) == ["run"]  # no staging folder left
+
+
+def test_train_overwrite_replaces_run(run_copy: Path, tiny_catalog: Path, capsys: pytest.CaptureFixture) -> None:
+    (run_copy / "notes.txt").write_text("from the old run")
+    old_metrics = (run_copy / "metrics.json").read_text()
+    code = cli.main(["train", *TINY_TRAIN, "--set", "train.seed=1", "--catalog", str(tiny_catalog),
+                     "--run", str(run_copy), "--overwrite"])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["run"] == str(run_copy)
+    names = sorted(p.name for p in run_copy.iterdir())
+    assert "notes.txt" not in names and "index" not in names  # the old run went whole, old index included
+    assert {"config.json", "towers.safetensors", "metrics.json", "histories.parquet"} <= set(names)
+    assert (run_copy / "metrics.json").read_text() != old_metrics
+    assert json.loads((run_copy / "config.json").read_text())["train"]["seed"] == 1
+    assert sorted(p.name for p in run_copy.parent.iterdir()) == ["run"]  # no staging or old folder left
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def test_interrupted_training_leaves_nothing(tiny_catalog: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capfd: pytest.CaptureFixture) -> None:
+    import train.loop
+
+    monkeypatch.setattr(train.loop, "fit", _interrupt)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert cli.main(["train", *TINY_TRAIN, "--catalog", str(tiny_catalog), "--run", str(out / "run")]) == 130
+    assert list(out.iterdir()) == []  # neither a half-written run nor a staging folder
+
+
+def test_interrupted_overwrite_keeps_existing_run(run_copy: Path, tiny_catalog: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import train.loop
+    from configs import load_config
+
+    monkeypatch.setattr(train.loop, "fit", _interrupt)
+    before = _snapshot(run_copy)
+    with pytest.raises(KeyboardInterrupt):
+        train.loop.train(load_config("tiny", ["train.epochs=1"]), tiny_catalog, run_copy, progress=False,
+                         overwrite=True)
+    assert _snapshot(run_copy) == before
+    assert sorted(p.name for p in run_copy.parent.iterdir()) == ["run"]
+
+
+# --- permissions ------------------------------------------------------------------------------------------
+
+
+def test_created_folders_get_normal_permissions(tiny_catalog: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    """prepare, train and build-index build in temporary folders; what they publish is 0755 under umask 022."""
+    src = tmp_path / "src"
+    (src / "posters").mkdir(parents=True)
+    shutil.copyfile(next((tiny_catalog / "media" / "posters").iterdir()), src / "posters" / "a.jpg")
+    items, interactions = _csvs(src, "item_id,title,image_path\n1,Alpha,posters/a.jpg\n2,Beta,\n",
+                                "user_id,item_id,timestamp\nu1,1,100\nu1,2,200\n")
+    old = os.umask(0o022)
+    try:
+        catalog, run = tmp_path / "catalog", tmp_path / "run"
+        assert cli.main(["prepare", "--items", str(items), "--interactions", str(interactions),
+                         "--out", str(catalog)]) == 0
+        assert cli.main(["train", *TINY_TRAIN, "--catalog", str(tiny_catalog), "--run", str(run)]) == 0
+        assert cli.main(["build-index", "--run", str(run), "--device", "cpu", "--quiet"]) == 0
+    finally:
+        os.umask(old)
+    capsys.readouterr()
+    version = live_version(run / "index")
+    folders = [catalog, catalog / "media", catalog / "media" / "posters", run, run / "index", version]
+    assert {str(f): oct(stat.S_IMODE(f.stat().st_mode)) for f in folders} == {str(f): "0o755" for f in folders}
+    files = [p for top in (catalog, run) for p in top.rglob("*") if p.is_file()]
+    assert files and {str(f): oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {str(f): "0o644" for f in files}

@@ -1,17 +1,20 @@
-"""Decoding of real audio clips and posters, and clean errors for broken files (train/media.py)."""
+"""Decoding and checking of real audio clips and posters, and clean errors for broken files (data/media.py)."""
 
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torchaudio
 from PIL import Image
 
-from data.media import MediaError, load_audio, load_image, pad_waveforms
+from data.media import MediaError, check_audio, check_image, load_audio, load_image, pad_waveforms
 
 RATE = 16000
 MAX_SECONDS = 3.0  # the shortest real clip (2.7 s) is kept whole, the others are cropped
@@ -142,3 +145,147 @@ def test_pad_waveforms_empty() -> None:
     batch, lengths = pad_waveforms([])
     assert batch.shape == (0, 0)
     assert lengths.tolist() == []
+
+
+# --- decompression bombs ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit", [1000, 10000])  # 92x138 = 12,696 pixels: over twice the limit, then over it
+def test_image_over_pil_limit_is_media_error(poster: Path, monkeypatch: pytest.MonkeyPatch, limit: int) -> None:
+    """Over twice the limit PIL raises DecompressionBombError (not an OSError); over it, only a warning."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    expected = re.escape(f"{poster}: image too large: 12696 pixels, over PIL's limit of {limit} ")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DecompressionBombWarning may leak out either
+        with pytest.raises(MediaError, match=expected):
+            load_image(poster, 32, (0.5,) * 3, (0.5,) * 3)
+        with pytest.raises(MediaError, match=expected):
+            check_image(poster)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 12696)
+    assert check_image(poster) == (92, 138)
+
+
+# --- full checks used by prepare --------------------------------------------------------------------------
+
+
+def test_check_image_and_audio_accept_real_files(poster: Path, clips: list[Path]) -> None:
+    assert check_image(poster) == (92, 138)
+    for clip in clips:
+        assert check_audio(clip) == sf.info(str(clip)).frames, clip.name
+
+
+def test_check_image_refuses_truncated_and_missing(poster: Path, tmp_path: Path) -> None:
+    half = tmp_path / "half.jpg"
+    half.write_bytes(poster.read_bytes()[:1000])
+    with pytest.raises(MediaError, match=r"half\.jpg: cannot decode image \(image file is truncated"):
+        check_image(half)
+    with pytest.raises(MediaError, match=r"absent\.png: cannot decode image"):
+        check_image(tmp_path / "absent.png")
+
+
+def test_check_audio_refuses_truncated_and_garbled_ogg(clips: list[Path], tmp_path: Path) -> None:
+    data = clips[0].read_bytes()
+    cut = tmp_path / "cut.ogg"
+    cut.write_bytes(data[: len(data) * 3 // 4])
+    with pytest.raises(MediaError, match=rf"^{re.escape(str(cut))}: truncated Ogg file: the page at byte \d+ needs"):
+        check_audio(cut)
+    # Cut exactly after a complete page: only the missing end-of-stream flag gives it away.
+    page_end = data.rindex(b"OggS")
+    at_page = tmp_path / "at_page.ogg"
+    at_page.write_bytes(data[:page_end])
+    with pytest.raises(MediaError, match=r"at_page\.ogg: truncated Ogg file: the last page lacks the end-of-stream"):
+        check_audio(at_page)
+    garbled = bytearray(data)
+    garbled[len(data) // 3:len(data) // 3 + 16] = b"\x00" * 16
+    (tmp_path / "garbled.ogg").write_bytes(bytes(garbled))
+    with pytest.raises(MediaError, match=r"garbled\.ogg: corrupt Ogg file: bad checksum in the page at byte \d+"):
+        check_audio(tmp_path / "garbled.ogg")
+    with sf.SoundFile(str(tmp_path / "garbled.ogg")) as f:  # what prepare used to miss: it decodes fine
+        assert sum(len(b) for b in f.blocks(65536)) == f.frames
+
+
+def test_check_audio_refuses_truncated_wav_flac_and_nan(tmp_path: Path) -> None:
+    tone = (0.5 * np.sin(np.arange(2 * RATE, dtype=np.float32) / 5)).astype(np.float32)
+    for name, subtype in [("tone.wav", "PCM_16"), ("tone.flac", "PCM_16")]:
+        sf.write(str(tmp_path / name), tone, RATE, subtype=subtype)
+        assert check_audio(tmp_path / name) == 2 * RATE
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / f"cut-{name}").write_bytes(data[: len(data) // 2])
+    with pytest.raises(MediaError, match=r"cut-tone\.wav: truncated WAV file: its data chunk declares 64000 bytes"):
+        check_audio(tmp_path / "cut-tone.wav")
+    with pytest.raises(MediaError, match=r"cut-tone\.flac: cannot decode audio"):
+        check_audio(tmp_path / "cut-tone.flac")
+    bad = tone.copy()
+    bad[RATE + 5] = np.nan
+    sf.write(str(tmp_path / "nan.wav"), bad, RATE, subtype="FLOAT")
+    with pytest.raises(MediaError, match=r"nan\.wav: audio holds non-finite samples"):
+        check_audio(tmp_path / "nan.wav")
+    sf.write(str(tmp_path / "empty.wav"), np.zeros((0, 1), dtype=np.float32), RATE)
+    with pytest.raises(MediaError, match=r"empty\.wav: audio has no samples"):
+        check_audio(tmp_path / "empty.wav")
+    (tmp_path / "noise.ogg").write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(MediaError, match=r"noise\.ogg: cannot decode audio"):
+        check_audio(tmp_path / "noise.ogg")
+
+
+# --- load_audio reads only the centre crop ----------------------------------------------------------------
+
+
+def _full_decode_then_crop(path: Path, sample_rate: int, max_seconds: float) -> torch.Tensor:
+    """The previous load_audio, kept as the reference: decode everything, mix to mono, centre-crop, resample."""
+    data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    wave = torch.from_numpy(data.mean(axis=1))
+    max_in = int(max_seconds * sr)
+    if wave.numel() > max_in:
+        start = (wave.numel() - max_in) // 2
+        wave = wave[start:start + max_in]
+    if sr != sample_rate:
+        wave = torchaudio.functional.resample(wave, sr, sample_rate)
+    return wave
+
+
+def test_load_audio_matches_full_decode(clips: list[Path], tmp_path: Path) -> None:
+    picked = [c for c in clips if c.name.startswith(("sorohanro", "Kevin_MacLeod_-_Vibe", "198-209"))]
+    assert len(picked) == 3
+    stereo = tmp_path / "stereo.flac"
+    rng = np.random.default_rng(0)
+    sf.write(str(stereo), (0.3 * rng.standard_normal((5 * 22050, 2))).astype(np.float32), 22050)
+    for path in [*picked, stereo]:
+        for rate, seconds in [(16000, 1.0), (16000, 3.0), (22050, 2.5), (16000, 600.0)]:
+            new = load_audio(path, rate, seconds)
+            assert torch.equal(new, _full_decode_then_crop(path, rate, seconds)), (path.name, rate, seconds)
+
+
+def test_load_audio_reads_only_the_crop(clips: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    clip = next(c for c in clips if c.name.startswith("Kevin_MacLeod_-_Vibe"))  # 61 s at 22,050 Hz
+    info = sf.info(str(clip))
+    requested, returned = [], []
+    real_read = sf.SoundFile.read
+
+    def spy(self, frames=-1, *args, **kwargs):
+        out = real_read(self, frames, *args, **kwargs)
+        requested.append(frames)
+        returned.append(len(out))
+        return out
+
+    monkeypatch.setattr(sf.SoundFile, "read", spy)
+    monkeypatch.setattr(sf, "read", lambda *a, **k: pytest.fail("load_audio must not decode the whole file"))
+    wave = load_audio(clip, info.samplerate, 2.0)
+    assert requested == [2 * info.samplerate] and returned == [2 * info.samplerate]
+    assert sum(returned) * 30 < info.frames
+    assert wave.shape == (2 * info.samplerate,)
+
+
+def test_load_audio_refuses_short_read(clips: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file whose header promises more frames than decoding yields is reported, not silently padded."""
+    real_read = sf.SoundFile.read
+    monkeypatch.setattr(sf.SoundFile, "read", lambda self, frames=-1, *a, **k: real_read(self, frames, *a, **k)[:10])
+    with pytest.raises(MediaError, match=rf"^{re.escape(str(clips[0]))}: truncated audio: decoded 10 of the \d+ "):
+        load_audio(clips[0], RATE, MAX_SECONDS)
+
+
+def test_load_audio_refuses_garbage_wav(tmp_path: Path) -> None:
+    noise = tmp_path / "noise.wav"
+    noise.write_bytes(b"RIFF\x10\x00\x00\x00WAVEjunk" + np.random.default_rng(1).bytes(512))
+    with pytest.raises(MediaError, match=rf"^{re.escape(str(noise))}: cannot decode audio"):
+        load_audio(noise, RATE, MAX_SECONDS)

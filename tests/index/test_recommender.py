@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from data.catalog import load_catalog
+from data.catalog import load_catalog, write_catalog
 from data.protocol import leave_one_out
 from data.rundir import RunDir
 from index.build import build_index
@@ -255,6 +256,36 @@ def test_changed_user_tower_keeps_index(tiny_run: Path, tmp_path: Path, rec: Rec
     assert changed.version.name == rec.version.name
     history = rec.history_of(sorted(rec.histories)[0])
     assert not np.allclose(changed.embed_histories([history]), rec.embed_histories([history]))
+
+
+def _catalog_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "index.recommender" and r.levelno == logging.WARNING and "catalog" in r.getMessage()]
+
+
+def test_load_warns_when_the_training_catalog_changed(tiny_run: Path, tiny_catalog: Path, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    catalog = tmp_path / "catalog"
+    shutil.copytree(tiny_catalog, catalog)
+    run = _copy_run(tiny_run, tmp_path / "run")
+    RunDir(run).write_catalog_ref(load_catalog(catalog))
+    with caplog.at_level(logging.WARNING):
+        Recommender.load(run, device="cpu")
+    assert _catalog_warnings(caplog) == []
+    # Re-prepared in place with other data (one interaction fewer).
+    src = load_catalog(tiny_catalog)
+    media = {rel: tiny_catalog / rel for col in ("image_path", "audio_path") for rel in src.items[col].drop_nulls()}
+    write_catalog(catalog, src.items, src.interactions.slice(1), media, meta=src.meta)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        rec = Recommender.load(run, device="cpu")
+    warnings = _catalog_warnings(caplog)
+    assert len(warnings) == 1
+    assert f"the catalog {catalog.resolve()} changed since run {run} was trained" in warnings[0]
+    # It still serves, from the run's own histories.
+    user = sorted(rec.histories)[0]
+    assert len(rec.recommend(user_id=user, k=3, rerank=False)) == 3
+    assert rec.history_of(user) == RunDir(tiny_run).read_histories()[user]
 
 
 def test_index_of_another_dimension_refuses(tiny_run: Path, tmp_path: Path) -> None:

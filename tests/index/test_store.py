@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import faiss
@@ -15,6 +16,7 @@ from index.store import (
     IndexStateError,
     Manifest,
     build_faiss,
+    empty_index,
     live_version,
     read_version,
     set_live,
@@ -100,6 +102,28 @@ def test_build_faiss_rejects_bad_input(data) -> None:
         build_faiss(bad, ids[:10])
     with pytest.raises(AssertionError):
         build_faiss(xb[:10], ids[:9])
+
+
+def test_bad_factory_strings_are_clear_errors() -> None:
+    xb = _clustered(150, 32, 4, seed=2)
+    ids = np.arange(150, dtype=np.int64)
+    with pytest.raises(IndexStateError, match=r"^bad FAISS factory string 'Bogus123' for dimension 32: .*Bogus123$"):
+        build_faiss(xb, ids, "Bogus123")
+    with pytest.raises(IndexStateError, match=re.escape(
+            "FAISS factory 'IVF1024,Flat' needs at least 1024 items to train, the catalog has 150; "
+            "use a smaller one (e.g. 'Flat' or 'IVF3,Flat')")):
+        build_faiss(xb, ids, "IVF1024,Flat")
+    with pytest.raises(IndexStateError, match="'PQ8' needs at least 256 items"):  # 2**8 centroids per sub-quantizer
+        build_faiss(xb, ids, "PQ8")
+    # The same checks without any vectors (build_index runs them before embedding the catalog).
+    with pytest.raises(IndexStateError, match="bad FAISS factory string 'Bogus123' for dimension 32"):
+        empty_index("Bogus123", 32, 150)
+    with pytest.raises(IndexStateError, match="needs at least 1024 items to train, the catalog has 1023"):
+        empty_index("IVF1024,Flat", 32, 1023)
+    assert empty_index("IVF1024,Flat", 32, 1024).ntotal == 0
+    assert empty_index("Flat", 32, 0).is_trained
+    # A factory that fits trains on the vectors themselves.
+    assert build_faiss(xb, ids, "IVF3,Flat").ntotal == 150
 
 
 # --- versions on disk ----------------------------------------------------------------------------------------
