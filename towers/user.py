@@ -13,7 +13,7 @@ from torch import nn
 
 from configs import UserTowerConfig
 from errors import ConfigError
-from towers.hub import load_pretrained
+from towers.llm import apply_strategy, build_decoder
 
 
 class UserHead(nn.Module):
@@ -32,36 +32,21 @@ class UserHead(nn.Module):
         return F.normalize(self.net(states), dim=-1)
 
 
-def _truncate(llm: nn.Module, layers: int) -> None:
-    """Keep the first ``layers`` decoder layers and drop the final norm (the head normalises instead)."""
-    blocks = getattr(llm, "layers", None)
-    if not isinstance(blocks, nn.ModuleList) or not hasattr(llm, "norm"):
-        raise ConfigError(f"user.layer is not supported for {type(llm).__name__} (no .layers/.norm)")
-    if not 0 < layers <= len(blocks):
-        raise ConfigError(f"user.layer={layers} but the LLM has {len(blocks)} layers")
-    llm.layers = blocks[:layers]
-    llm.config.num_hidden_layers = layers
-    llm.norm = nn.Identity()
-
-
 class UserTower(nn.Module):
     """LLM backbone + projection head. ``encode_users`` returns ``(B, D)`` L2-normalised embeddings."""
 
     def __init__(self, cfg: UserTowerConfig, dim: int):
         super().__init__()
-        from transformers import AutoModel
-
         if cfg.pooling not in ("last", "mean"):
             raise ConfigError(f"unknown user.pooling {cfg.pooling!r}; choose 'last' or 'mean'")
         self.cfg = cfg
         self.dim = dim
-        self.llm = load_pretrained(AutoModel, cfg.model)
-        if cfg.layer:
-            _truncate(self.llm, cfg.layer)
-        text_cfg = getattr(self.llm.config, "text_config", None) or self.llm.config
+        llm = build_decoder(cfg)
+        text_cfg = getattr(llm.config, "text_config", None) or llm.config
         self.hidden_size = int(text_cfg.hidden_size)
-        if not cfg.trainable:
-            self.llm.requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.llm = apply_strategy(llm, cfg)
         self.head = UserHead(self.hidden_size, dim, cfg.head_hidden)
 
     def states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor | None = None,

@@ -33,6 +33,7 @@ from towers.factory import TwoTower, build_towers, make_item_dataset, save_tower
 from towers.hub import load_tokenizer
 from train.features import frozen_features
 from train.losses import info_nce
+from train.sequence import evaluate_sequences, fit_sequence
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ class UserStates:
         self.model, self.prompts, self.device = model, prompts, device
         self.pad_id, self.content_start = pad_id, content_start
         self.cache: list[torch.Tensor] | None = None
-        if not model.config.user.trainable:
+        if model.config.user.strategy == "frozen":
             model.user.llm.eval()
             cache: list[torch.Tensor] = []
             with torch.inference_mode():
@@ -242,7 +243,7 @@ def train_epoch(config: Config, model: TwoTower, states: UserStates, bank: ItemB
                 order: list[int], device, desc: str = "", progress: bool = True) -> float:
     """One pass over the prompts in ``order``; returns the mean loss."""
     model.train()
-    if not config.user.trainable:
+    if config.user.strategy == "frozen":
         model.user.llm.eval()
     prompts_per_step = max(1, config.train.batch_size // max(1, config.train.max_positions))
     losses = []
@@ -320,19 +321,26 @@ def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress
     """
     t0 = time.time()
     run = RunDir(run_dir)
+    device = resolve_device(config.train.device)
     staged = run.staging(overwrite)  # refuses an existing run before any work is done
     try:
         seed_everything(config.train.seed)
-        device = resolve_device(config.train.device)
         data = load_training_data(config, catalog_dir)
         model = build_towers(config, num_ids=data.split.num_items).to(device)  # step 2
         bank = build_item_bank(config, model, data, device, progress)
-        states = build_user_states(config, model, data, device, progress)
-        best_epoch, history = fit(config, model, states, bank, data.split, device, progress)
-        with torch.no_grad():  # step 6: the best epoch on all validation users, then test, scored once
-            item_emb = bank.encode(model)
-            valid = evaluate_positions(model, states, data.split, item_emb, "valid")
-            test = evaluate_positions(model, states, data.split, item_emb, "test")
+        if config.user.input == "items":  # the LLM reads item embeddings: see train/sequence.py
+            best_epoch, history = fit_sequence(config, model, bank, data.split, device, progress)
+            with torch.no_grad():  # step 6: the best epoch on all validation users, then test, scored once
+                item_emb = bank.encode(model)
+                valid = evaluate_sequences(model, data.split, item_emb, "valid")
+                test = evaluate_sequences(model, data.split, item_emb, "test")
+        else:
+            states = build_user_states(config, model, data, device, progress)
+            best_epoch, history = fit(config, model, states, bank, data.split, device, progress)
+            with torch.no_grad():  # step 6: the best epoch on all validation users, then test, scored once
+                item_emb = bank.encode(model)
+                valid = evaluate_positions(model, states, data.split, item_emb, "valid")
+                test = evaluate_positions(model, states, data.split, item_emb, "test")
         result = TrainResult(run.path, best_epoch, valid, test, history, time.time() - t0)
         write_run(staged, model, data, result)  # step 7
         run.publish(staged)

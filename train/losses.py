@@ -26,3 +26,15 @@ def info_nce(users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, lo
     if logq is not None:
         logits = logits - logq[None, :]
     return F.cross_entropy(logits, targets)
+
+
+def inclusion_logq(freq: torch.Tensor, num_positives: int, num_uniform: int, num_items: int) -> torch.Tensor:
+    """Log-probability that each candidate is in a sampled softmax's candidate set (the logQ correction).
+
+    The candidates are the batch's ``num_positives`` positives, each drawn with probability ``freq`` (how often an
+    item is a training target), plus ``num_uniform`` uniform draws from ``num_items`` items. An item is absent
+    only if every draw misses it, so ``q = 1 - (1 - freq)^P (1 - 1/I)^K``. Frequent items are candidates more
+    often, so their logits are *lowered* by ``log q`` (``logits - logq``); TFRS once shipped this sign flipped.
+    """
+    miss = (1 - freq.double()).pow(num_positives) * (1 - 1 / num_items) ** num_uniform
+    return torch.log((1 - miss).clamp(min=1e-30))

@@ -59,7 +59,7 @@ def _trained_like(config: Config):
     return model
 
 
-@pytest.mark.parametrize("overrides", [[], ["item.text.trainable=false", "user.trainable=false",
+@pytest.mark.parametrize("overrides", [[], ["item.text.trainable=false", "user.strategy=frozen",
                                             "item.image.trainable=false"]],
                          ids=["all-trainable", "frozen-backbones"])
 def test_save_load_round_trip(tmp_path: Path, overrides: list[str]) -> None:

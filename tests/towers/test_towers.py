@@ -285,7 +285,7 @@ def test_modality_dropout_never_empties_an_item(item_tower) -> None:
 @pytest.fixture(scope="module")
 def user_tower() -> UserTower:
     torch.manual_seed(0)
-    return UserTower(replace(TINY.user, trainable=False), DIM).eval()
+    return UserTower(replace(TINY.user, strategy="frozen"), DIM).eval()
 
 
 def test_user_tower_shapes_and_padding(user_tower: UserTower) -> None:

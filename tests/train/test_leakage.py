@@ -36,7 +36,7 @@ def _prompts(tokenizer):
 @pytest.mark.parametrize("trainable", [False, True], ids=["frozen-cached", "trainable"])
 @pytest.mark.parametrize("pooling", ["last", "mean"])
 def test_state_at_position_equals_truncated_prompt(pooling: str, trainable: bool) -> None:
-    config = load_config("tiny", [f"user.pooling={pooling}", f"user.trainable={str(trainable).lower()}",
+    config = load_config("tiny", [f"user.pooling={pooling}", f"user.strategy={'full' if trainable else 'frozen'}",
                                   "item.image.enabled=false", "item.audio.enabled=false"])
     torch.manual_seed(0)
     model = build_towers(config).eval()

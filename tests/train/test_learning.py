@@ -35,7 +35,7 @@ NUM_ITEMS, NUM_USERS, LENGTH = 40, 200, 12
 
 SETUPS = {
     "tiny": ["train.epochs=3"],
-    "offline-like": ["train.epochs=4", "user.trainable=false", "user.pooling=mean", "user.layer=1",
+    "offline-like": ["train.epochs=4", "user.strategy=frozen", "user.pooling=mean", "user.layer=1",
                      "train.negatives=catalog", "train.windows=2", "item.text.trainable=false"],
 }
 

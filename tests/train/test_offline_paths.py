@@ -29,7 +29,7 @@ from train.loop import (
 )
 
 # The offline setup's choices, on the tiny models.
-OFFLINE_LIKE = ["user.trainable=false", "user.pooling=mean", "user.layer=1", "train.negatives=catalog",
+OFFLINE_LIKE = ["user.strategy=frozen", "user.pooling=mean", "user.layer=1", "train.negatives=catalog",
                 "train.windows=2", "item.text.trainable=false", "item.image.trainable=false"]
 
 
@@ -60,7 +60,7 @@ def _num_pairs(config: Config, data) -> tuple[int, int]:
 
 
 def test_frozen_llm_states_are_cached_once(tiny_catalog: Path) -> None:
-    config = load_config("tiny", ["user.trainable=false"])
+    config = load_config("tiny", ["user.strategy=frozen"])
     data = load_training_data(config, tiny_catalog)
     model = build_towers(config, num_ids=data.split.num_items)
     assert not any(p.requires_grad for p in model.user.llm.parameters())
@@ -83,7 +83,7 @@ def test_frozen_llm_states_are_cached_once(tiny_catalog: Path) -> None:
 
 
 def test_trainable_llm_has_no_cache_and_gets_gradients(tiny_catalog: Path) -> None:
-    config = load_config("tiny", ["user.trainable=true"])
+    config = load_config("tiny", ["user.strategy=full"])
     data = load_training_data(config, tiny_catalog)
     model = build_towers(config, num_ids=data.split.num_items)
     states = build_user_states(config, model, data, "cpu", progress=False)
@@ -101,7 +101,7 @@ def test_trainable_llm_has_no_cache_and_gets_gradients(tiny_catalog: Path) -> No
 
 
 def test_layer_truncation_and_mean_pooling(tiny_catalog: Path) -> None:
-    config = load_config("tiny", ["user.trainable=false", "user.pooling=mean", "user.layer=1"])
+    config = load_config("tiny", ["user.strategy=frozen", "user.pooling=mean", "user.layer=1"])
     data = load_training_data(config, tiny_catalog)
     model = build_towers(config, num_ids=data.split.num_items)
     llm = model.user.llm
@@ -109,7 +109,7 @@ def test_layer_truncation_and_mean_pooling(tiny_catalog: Path) -> None:
     assert isinstance(llm.norm, nn.Identity)
 
     # The truncated LLM's output is the full LLM's output after its first layer (same random weights).
-    full = build_towers(load_config("tiny", ["user.trainable=false"])).user.llm.eval()
+    full = build_towers(load_config("tiny", ["user.strategy=frozen"])).user.llm.eval()
     assert len(full.layers) == 2
     states = build_user_states(config, model, data, "cpu", progress=False)
     content_start = states.content_start

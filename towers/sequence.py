@@ -1,0 +1,86 @@
+"""Item-sequence user tower (HLLM style): LLM decoder layers read a history as a sequence of item embeddings.
+
+Each history item is one position: its embedding (the item tower's, a learned table's, or both) is projected
+to the LLM's hidden size and passed through ``inputs_embeds``, so the token embeddings and the LM head are
+never used (and are dropped). Attention is causal, so one pass over a history gives, at every position ``p``,
+a state that has seen items ``<= p`` only: training reads all of them at once (the state after item ``p`` is
+trained to retrieve item ``p + 1``, as in SASRec), serving reads the last.
+
+How the LLM itself learns (``user.strategy``): ``frozen``, ``top_k`` (only its top layers), ``lora`` (peft
+adapters) or ``full``. ``user.init: random`` builds the same code on a small randomly initialised decoder:
+the SASRec-equivalent baseline that every result is compared with.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from configs import UserTowerConfig
+from towers.llm import apply_strategy, build_decoder
+from towers.user import UserHead
+
+
+class ItemSequenceUserTower(nn.Module):
+    """``encode_sequence(items (B, T, D), mask (B, T))`` -> ``(B, T, D)`` L2-normalised states, one per position.
+
+    ``num_ids`` rows of an own input table (``input_table`` "own" or "both"); row ``-1`` (a cold item) falls
+    back to the item tower's embedding.
+    """
+
+    def __init__(self, cfg: UserTowerConfig, dim: int, num_ids: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        self.dim = dim
+        llm = build_decoder(cfg, cfg.dropout)
+        llm.embed_tokens = None  # (V, H): never used with inputs_embeds; Gemma's is 168M parameters
+        self.hidden_size = int(llm.config.hidden_size)
+        if cfg.gradient_checkpointing:
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.llm = apply_strategy(llm, cfg)
+        self.table = None
+        if cfg.input_table in ("own", "both") and num_ids:
+            self.table = nn.Embedding(num_ids, dim)
+            nn.init.normal_(self.table.weight, std=0.02)
+        self.in_proj = nn.Linear(dim, self.hidden_size)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.head = UserHead(self.hidden_size, dim, cfg.head_hidden)
+
+    def inputs(self, item_emb: torch.Tensor, id_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Input vectors ``(B, T, D)`` of history items from their item-tower embeddings and id-table rows."""
+        if self.table is None or id_rows is None:
+            return item_emb
+        own = self.table(id_rows.clamp(min=0))  # (B, T, D)
+        known = (id_rows >= 0).unsqueeze(-1)
+        if self.cfg.input_table == "own":
+            return torch.where(known, own, item_emb)
+        return item_emb + own * known
+
+    def states(self, item_emb: torch.Tensor, mask: torch.Tensor, id_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """LLM states ``(B, T, H)`` after each history position (right-padded, ``mask`` 1 on real items)."""
+        if item_emb.dim() != 3 or item_emb.shape[-1] != self.dim or mask.shape != item_emb.shape[:2]:
+            raise ValueError(f"expected items (B, T, {self.dim}) and mask (B, T), got {tuple(item_emb.shape)}, "
+                             f"{tuple(mask.shape)}")
+        x = self.drop(self.in_proj(self.inputs(item_emb, id_rows)))  # (B, T, H)
+        return self.llm(inputs_embeds=x, attention_mask=mask.long(), use_cache=False).last_hidden_state
+
+    def encode_sequence(self, item_emb: torch.Tensor, mask: torch.Tensor,
+                        id_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, T, D)`` user embeddings after every position."""
+        return self.head(self.states(item_emb, mask, id_rows))
+
+    def encode_users(self, item_emb: torch.Tensor, mask: torch.Tensor, id_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, D)`` user embeddings after each history's last item (right-padded)."""
+        h = self.states(item_emb, mask, id_rows)
+        last = mask.long().sum(1) - 1  # (B,)
+        return self.head(h[torch.arange(h.shape[0], device=h.device), last])
+
+    forward = encode_users
+
+
+def gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``x (B, T, C)`` at ``positions (B, P)`` -> ``(B, P, C)``."""
+    return torch.gather(x, 1, positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+__all__ = ["ItemSequenceUserTower", "gather_positions"]
