@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from errors import CatalogError, QueryError, TowerrecError
@@ -47,7 +48,10 @@ def cmd_train(args) -> None:
         resolve_device(args.device)  # an unknown or absent device is named as such, before any work
         overrides.append(f"train.device={args.device}")
     config = load_config(args.config, overrides)
-    result = train(config, args.catalog, args.run, progress=not args.quiet, overwrite=args.overwrite)
+    result = train(config, args.catalog, args.run, progress=not args.quiet, overwrite=args.overwrite,
+                   resume=args.resume)
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, process 0 reports
+        return
     print(json.dumps({"run": str(result.run_dir), "best_epoch": result.best_epoch, "valid": result.valid,
                       "test_retrieval": result.test, "seconds": round(result.seconds, 1)}, indent=2))
 
@@ -131,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--catalog", required=True)
     s.add_argument("--run", required=True, help="run directory to write")
     s.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    s.add_argument("--resume", action="store_true",
+                   help="continue an interrupted training from its saved state (see train.resumable)")
     s.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the config's train.device)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_train)

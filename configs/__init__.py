@@ -226,6 +226,7 @@ class TrainConfig(_Checked):
     warmup: float = _bounded(0.05, ge=0, lt=1)  # fraction of steps of linear warmup, then cosine decay to 0
     grad_accum: int = _bounded(1, ge=1)  # micro-batches per optimizer step
     llm_lr: float = _bounded(0.0, ge=0)  # learning rate of the LLM's own weights (0 = lr)
+    resumable: bool = False  # items input: save the training state after every epoch, for `train --resume`
     device: str = _checked("auto", _device)  # "auto", "cpu", "cuda", "cuda:N" or "mps"; "cuda" without CUDA is an error
 
 

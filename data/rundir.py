@@ -6,12 +6,14 @@
         config.json             the exact Config the towers were built with
         towers.safetensors      trainable tower weights (frozen pretrained backbones reload from their reference)
         metrics.json            training history, best epoch, validation and test figures
+        curves.png              training loss and validation NDCG@10 per epoch
         catalog_ref.json        path and sha256 of the catalog the run was trained on
         histories.parquet       each training user's history (user_id, position, item_id), test item held out
         id_table.parquet        item ids of the item tower's id-vector rows, in row order
         index/
             LIVE                name of the version being served
-            <version>/          index.faiss, items.parquet (faiss_id -> item_id, title), manifest.json
+            <version>/          index.faiss, items.parquet (faiss_id -> item_id, title), vectors.npy (the item
+                                embeddings, read by an item-sequence user tower), manifest.json
 
 Training writes a new run into a temporary sibling folder and publishes it whole at the end, so an
 interrupted run never leaves a half-written run directory (nor destroys the previous one).
@@ -42,6 +44,7 @@ class RunDir:
     CONFIG = "config.json"
     WEIGHTS = "towers.safetensors"
     METRICS = "metrics.json"
+    CURVES = "curves.png"
     CATALOG_REF = "catalog_ref.json"
     HISTORIES = "histories.parquet"
     ID_TABLE = "id_table.parquet"
@@ -50,6 +53,7 @@ class RunDir:
     LIVE = "LIVE"
     INDEX_FILE = "index.faiss"
     INDEX_ITEMS = "items.parquet"
+    INDEX_VECTORS = "vectors.npy"  # (N, D) float32 item embeddings, index-table order (item-sequence user input)
     MANIFEST = "manifest.json"
 
     def __init__(self, path: str | Path):
@@ -75,8 +79,17 @@ class RunDir:
         return self.path / self.METRICS
 
     @property
+    def curves_path(self) -> Path:
+        return self.path / self.CURVES
+
+    @property
     def index_root(self) -> Path:
         return self.path / self.INDEX
+
+    @property
+    def resume_path(self) -> Path:
+        """Resumable training state, kept beside the run (the run itself is published only when complete)."""
+        return self.path.parent / f".{self.path.name}.resume.pt"
 
     def is_run(self) -> bool:
         """True when the folder holds a trained run (its config and weights)."""

@@ -67,5 +67,5 @@ def build_index(run_dir: str | Path, catalog_dir: str | Path | None = None, fact
         fingerprint=item_fingerprint(model), dim=config.dim, metric="ip", count=len(vectors), factory=factory,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), catalog_sha256=catalog_sha256(catalog.root),
     )
-    return write_version(run.index_root, index, items, manifest)
+    return write_version(run.index_root, index, items, manifest, vectors=vectors)
 

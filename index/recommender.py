@@ -22,7 +22,7 @@ from data.items import pad_batch
 from data.profiles import profile_builder
 from data.rundir import RunDir
 from errors import QueryError
-from index.store import live_version, read_version
+from index.store import live_version, read_vectors, read_version
 from towers.device import resolve_device
 from towers.factory import TwoTower, item_fingerprint, load_towers
 from towers.hub import load_tokenizer
@@ -43,7 +43,8 @@ class Recommender:
     """Serves top-k recommendations from a run directory's live index."""
 
     def __init__(self, run_dir: Path, model: TwoTower, index: faiss.Index, items: pl.DataFrame,
-                 histories: dict, device: torch.device, version: Path):
+                 histories: dict, device: torch.device, version: Path, vectors: np.ndarray | None = None,
+                 id_table: ItemSpace | None = None):
         self.run_dir, self.model, self.index, self.items, self.device = run_dir, model, index, items, device
         self.version = version
         self.config = model.config
@@ -57,6 +58,10 @@ class Recommender:
         self.tokenizer = load_tokenizer(self.config.user.model)
         self.builder = profile_builder(self.config, items, self.tokenizer)
         self._reranker = None
+        # Item-sequence user tower: history items are read as their item embeddings (kept beside the index)
+        # and, for an own input table, their id-table rows (-1 for items without one).
+        self.vectors = vectors
+        self.id_rows = self.index_items.to(id_table) if id_table is not None else None
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str = "auto", version: str | None = None) -> Recommender:
@@ -70,11 +75,15 @@ class Recommender:
         dev = resolve_device(device)
         model = load_towers(run, dev)
         folder = run.index_root / version if version else live_version(run.index_root)
-        index, items, _ = read_version(folder, item_fingerprint(model), model.config.dim)
+        index, items, manifest = read_version(folder, item_fingerprint(model), model.config.dim)
+        vectors = id_table = None
+        if model.config.user.input == "items":
+            vectors = read_vectors(folder, manifest)
+            id_table = run.read_id_table()
         if run.catalog_changed():
             logger.warning("the catalog %s changed since run %s was trained; serving the run's own histories "
                            "(retrain to learn from the new data)", run.catalog_ref()["path"], run.path)
-        return cls(run.path, model, index, items, run.read_histories(), dev, folder)
+        return cls(run.path, model, index, items, run.read_histories(), dev, folder, vectors, id_table)
 
     @property
     def reranker(self):
@@ -116,17 +125,45 @@ class Recommender:
     @torch.inference_mode()
     def embed_histories(self, histories: Sequence[Sequence]) -> np.ndarray:
         """``(B, D)`` user embeddings for chronological histories of item ids."""
-        prompts = []
+        rows_of = []
         for h in histories:
             rows = self._rows(h, "history")
             if not rows:
                 raise QueryError("empty history: give at least one item id")
-            prompts.append(self.builder.build(rows).input_ids)
+            rows_of.append(rows)
+        if self.vectors is not None:
+            return self._embed_item_sequences(rows_of)
+        prompts = [self.builder.build(rows).input_ids for rows in rows_of]
         out = []
         bs = self.config.user.batch_size
         for start in range(0, len(prompts), bs):
             ids, mask = pad_batch(prompts[start:start + bs], self.tokenizer.pad_token_id)
             emb = self.model.user.encode_users(ids.to(self.device), mask.to(self.device), len(self.builder.header_ids))
+            out.append(emb.float().cpu().numpy())
+        return np.concatenate(out)
+
+    def _embed_item_sequences(self, rows_of: list[list[int]]) -> np.ndarray:
+        """``(B, D)`` embeddings from histories given as index rows (the item-sequence user tower).
+
+        Each history keeps its ``user.max_len`` most recent items, right-padded, exactly as in training.
+        """
+        max_len, dim = self.config.user.max_len, self.config.dim
+        use_table = getattr(self.model.user, "table", None) is not None
+        out = []
+        for start in range(0, len(rows_of), 256):
+            chunk = [np.asarray(r[-max_len:], dtype=np.int64) for r in rows_of[start:start + 256]]
+            width = max(len(r) for r in chunk)
+            x = np.zeros((len(chunk), width, dim), dtype=np.float32)  # (B, T, D)
+            mask = np.zeros((len(chunk), width), dtype=np.int64)
+            id_rows = np.full((len(chunk), width), -1, dtype=np.int64)
+            for i, r in enumerate(chunk):
+                x[i, : len(r)] = self.vectors[r]
+                mask[i, : len(r)] = 1
+                if self.id_rows is not None:
+                    id_rows[i, : len(r)] = self.id_rows[r]
+            emb = self.model.user.encode_users(
+                torch.from_numpy(x).to(self.device), torch.from_numpy(mask).to(self.device),
+                torch.from_numpy(id_rows).to(self.device) if use_table else None)
             out.append(emb.float().cpu().numpy())
         return np.concatenate(out)
 

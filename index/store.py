@@ -131,15 +131,23 @@ def set_search_params(index: faiss.Index, nprobe: int, ef_search: int) -> None:
 
 
 def write_version(index_root: Path, index: faiss.Index, items: pl.DataFrame, manifest: Manifest,
-                  make_live: bool = True) -> Path:
-    """Write a complete version folder atomically, then (optionally) point ``LIVE`` at it."""
+                  make_live: bool = True, vectors: np.ndarray | None = None) -> Path:
+    """Write a complete version folder atomically, then (optionally) point ``LIVE`` at it.
+
+    ``vectors`` (``(N, D)`` float32, items-table order) are kept beside the index for user towers that read
+    item embeddings (``user.input: items``); an ANN index may not reconstruct them exactly.
+    """
     if items.height != manifest.count or index.ntotal != manifest.count:
         raise IndexStateError(f"index has {index.ntotal} vectors, items table {items.height}, manifest {manifest.count}")
+    if vectors is not None and vectors.shape != (manifest.count, manifest.dim):
+        raise IndexStateError(f"vectors have shape {vectors.shape}, manifest says ({manifest.count}, {manifest.dim})")
     name = time.strftime("v%Y%m%d-%H%M%S", time.gmtime()) + f"-{uuid.uuid4().hex[:6]}"
     tmp = temp_dir(index_root, f".{name}-")
     try:
         faiss.write_index(index, str(tmp / RunDir.INDEX_FILE))
         items.write_parquet(tmp / RunDir.INDEX_ITEMS)
+        if vectors is not None:
+            np.save(tmp / RunDir.INDEX_VECTORS, np.ascontiguousarray(vectors, dtype=np.float32))
         (tmp / RunDir.MANIFEST).write_text(json.dumps(asdict(manifest), indent=2))
         os.replace(tmp, index_root / name)
     finally:
@@ -189,3 +197,18 @@ def read_version(folder: Path, expect_fingerprint: str | None = None, expect_dim
         raise IndexStateError(f"{folder}: index holds {index.ntotal} vectors of dim {index.d}, items table "
                           f"{items.height}, manifest says {manifest.count} of dim {manifest.dim}")
     return index, items, manifest
+
+
+def read_vectors(folder: Path, manifest: Manifest) -> np.ndarray:
+    """The item embeddings kept beside an index version (memory-mapped), checked against its manifest."""
+    path = folder / RunDir.INDEX_VECTORS
+    if not path.is_file():
+        raise IndexStateError(f"{path}: not found; this index was built without item vectors, which an "
+                              "item-sequence user tower needs: rebuild it with `towerrec build-index`")
+    try:
+        vectors = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as err:
+        raise IndexStateError(f"{path}: unreadable ({err})") from None
+    if vectors.shape != (manifest.count, manifest.dim):
+        raise IndexStateError(f"{path}: shape {vectors.shape}, manifest says ({manifest.count}, {manifest.dim})")
+    return vectors

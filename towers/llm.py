@@ -34,6 +34,7 @@ def build_decoder(cfg: UserTowerConfig, dropout: float = 0.0) -> nn.Module:
             "llama", vocab_size=1, hidden_size=cfg.random_hidden, intermediate_size=cfg.random_hidden * 4,
             num_hidden_layers=cfg.random_layers, num_attention_heads=heads, num_key_value_heads=heads,
             max_position_embeddings=max(512, cfg.max_len * 2), attention_dropout=dropout,
+            bos_token_id=None, eos_token_id=None, pad_token_id=None,  # no vocabulary: inputs are item embeddings
         )
         llm = AutoModel.from_config(config)
     else:

@@ -16,7 +16,7 @@ from torch import nn
 from configs import RerankConfig
 from data.items import pad_batch
 from errors import ModelLoadError
-from towers.hub import resolve_model
+from towers.hub import load_pretrained
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class LLMReranker(nn.Module):
 
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.lm = AutoModelForCausalLM.from_pretrained(resolve_model(model_ref))
+        self.lm = load_pretrained(AutoModelForCausalLM, model_ref)
         self.lm.requires_grad_(False)
         self.lm.eval()
         self.yes_id = self._single_token(" Yes")

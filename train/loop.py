@@ -27,10 +27,12 @@ from data.items import collate_items, pad_batch, to_device
 from data.profiles import ProfileBuilder, profile_builder
 from data.protocol import Split, held_out, ranking_metrics, split_catalog, target_ranks
 from data.rundir import RunDir
-from errors import CatalogError
+from errors import CatalogError, CheckpointError, ConfigError
 from towers.device import resolve_device
 from towers.factory import TwoTower, build_towers, make_item_dataset, save_towers, trainable_state
 from towers.hub import load_tokenizer
+from train.curves import plot_curves
+from train.distributed import init_distributed
 from train.features import frozen_features
 from train.losses import info_nce
 from train.sequence import evaluate_sequences, fit_sequence
@@ -308,7 +310,7 @@ def fit(config: Config, model: TwoTower, states: UserStates, bank: ItemBank, spl
 
 
 def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress: bool = True,
-          overwrite: bool = False) -> TrainResult:
+          overwrite: bool = False, resume: bool = False) -> TrainResult:
     """Train both towers on a catalog and write a servable run directory.
 
     Args:
@@ -318,18 +320,27 @@ def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress
             published whole when training ends, so an interrupted run leaves nothing half-written.
         progress: show progress bars.
         overwrite: replace an existing run at ``run_dir`` (otherwise that is an error).
+        resume: continue an interrupted training from its saved state (``train.resumable`` saves one after
+            every epoch, beside the run directory; item-sequence input only).
+
+    Under ``torchrun`` every process trains on its share of each batch and process 0 writes the run.
     """
     t0 = time.time()
     run = RunDir(run_dir)
-    device = resolve_device(config.train.device)
-    staged = run.staging(overwrite)  # refuses an existing run before any work is done
+    device, rank, world = init_distributed(resolve_device(config.train.device))
+    if world > 1 and config.user.input != "items":
+        raise ConfigError("multi-process training (torchrun) needs user.input=items")
+    staged = run.staging(overwrite) if rank == 0 else None  # refuses an existing run before any work is done
+    resume_path = run.resume_path if (config.train.resumable or resume) else None
+    if resume and not (resume_path and resume_path.is_file()):
+        raise CheckpointError(f"{run.resume_path}: no resumable training state to continue from")
     try:
         seed_everything(config.train.seed)
         data = load_training_data(config, catalog_dir)
         model = build_towers(config, num_ids=data.split.num_items).to(device)  # step 2
-        bank = build_item_bank(config, model, data, device, progress)
+        bank = build_item_bank(config, model, data, device, progress and rank == 0)
         if config.user.input == "items":  # the LLM reads item embeddings: see train/sequence.py
-            best_epoch, history = fit_sequence(config, model, bank, data.split, device, progress)
+            best_epoch, history = fit_sequence(config, model, bank, data.split, device, progress, resume_path)
             with torch.no_grad():  # step 6: the best epoch on all validation users, then test, scored once
                 item_emb = bank.encode(model)
                 valid = evaluate_sequences(model, data.split, item_emb, "valid")
@@ -342,10 +353,14 @@ def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress
                 valid = evaluate_positions(model, states, data.split, item_emb, "valid")
                 test = evaluate_positions(model, states, data.split, item_emb, "test")
         result = TrainResult(run.path, best_epoch, valid, test, history, time.time() - t0)
-        write_run(staged, model, data, result)  # step 7
-        run.publish(staged)
+        if staged is not None:
+            write_run(staged, model, data, result)  # step 7
+            run.publish(staged)
+            if resume_path is not None:
+                resume_path.unlink(missing_ok=True)  # the run is complete: nothing left to resume
     except BaseException:
-        staged.discard()
+        if staged is not None:
+            staged.discard()
         raise
     return result
 
@@ -358,3 +373,6 @@ def write_run(run: RunDir, model: TwoTower, data: TrainingData, result: TrainRes
     run.write_id_table(data.split.item_ids)
     run.write_metrics({"best_epoch": result.best_epoch, "valid": result.valid, "test": result.test,
                        "history": result.history, "seconds": result.seconds})
+    plot_curves(result.history, result.best_epoch, run.curves_path,
+                f"{model.config.name}: user.input={model.config.user.input}, best epoch {result.best_epoch}, "
+                f"valid NDCG@10 {result.valid['ndcg@10']:.4f}")

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 
 def info_nce(users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, logit_scale: torch.Tensor,
-             logq: torch.Tensor | None = None, max_scale: float = 100.0) -> torch.Tensor:
+             logq: torch.Tensor | None = None, max_scale: float = 100.0, reduction: str = "mean") -> torch.Tensor:
     """Softmax cross-entropy of each user against a shared set of candidate items.
 
     ``users (N, D)`` and ``items (M, D)`` are L2-normalised; ``targets (N,)`` indexes each user's positive in
@@ -15,7 +15,7 @@ def info_nce(users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, lo
     this is InfoNCE with in-batch negatives (duplicates of a positive are never negatives, because each item
     appears once). ``logit_scale`` is ``log(1/temperature)``, clamped so the temperature stays above
     ``1/max_scale``. ``logq (M,)``, if given, subtracts the log sampling probability of each candidate
-    (sampled-softmax correction).
+    (sampled-softmax correction). ``reduction`` is ``"mean"`` or ``"sum"`` over users.
     """
     if users.dim() != 2 or items.dim() != 2 or users.shape[1] != items.shape[1]:
         raise ValueError(f"info_nce: users {tuple(users.shape)} and items {tuple(items.shape)} must be (N, D), (M, D)")
@@ -25,7 +25,7 @@ def info_nce(users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, lo
     logits = scale * users @ items.T  # (N, M)
     if logq is not None:
         logits = logits - logq[None, :]
-    return F.cross_entropy(logits, targets)
+    return F.cross_entropy(logits, targets, reduction=reduction)
 
 
 def inclusion_logq(freq: torch.Tensor, num_positives: int, num_uniform: int, num_items: int) -> torch.Tensor:

@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
 from tqdm.auto import tqdm
 
 from configs import Config
@@ -107,16 +111,83 @@ def use_full_softmax(config: Config, num_items: int) -> bool:
     return config.train.loss == "full"
 
 
+class NextItemLoss(nn.Module):
+    """The whole training objective as one module, so torch DDP can wrap it.
+
+    ``forward(inputs, mask, targets, uniform)`` returns this process's share of the global batch's mean loss:
+    the sum over its positions times ``world_size / N`` (``N`` positions in the global batch), so DDP's
+    gradient averaging gives exactly the gradient of the global mean. Under DDP the candidates of a sampled
+    softmax are the positives of the *global* batch (their ids are all-gathered) plus ``uniform`` negatives,
+    which every process draws alike; each process embeds the candidates it scores.
+    """
+
+    def __init__(self, model: TwoTower, bank, num_items: int, full: bool, freq: torch.Tensor,
+                 modality_dropout: float, autocast: bool):
+        super().__init__()
+        self.model = model
+        self.bank = bank  # not a module: the item tower inside ``model`` encodes its inputs
+        self.num_items, self.full, self.freq = num_items, full, freq
+        self.modality_dropout, self.autocast = modality_dropout, autocast
+
+    def forward(self, inputs: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor,
+                uniform: torch.Tensor | None = None) -> torch.Tensor:
+        model, dev = self.model, inputs.device
+        keep = targets >= 0
+        t = targets[keep]  # (n,) this process's positives
+        t_all, world = all_gather_ids(t)  # (N,) the global batch's positives
+        needed = None if self.full else torch.unique(torch.cat([inputs[mask.bool()], t_all, uniform]))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            emb = self.bank.encode(model, needed, dropout=self.modality_dropout)  # (M, D)
+            pos_of = None
+            if needed is not None:
+                pos_of = torch.full((self.num_items,), -1, dtype=torch.long, device=dev)
+                pos_of[needed] = torch.arange(len(needed), device=dev)
+            x = emb[inputs] if pos_of is None else emb[pos_of[inputs]]  # (B, T, D)
+            states = model.user.encode_sequence(x, mask, inputs if model.user.table is not None else None)
+            u = states[keep].float()  # (n, D)
+        scale = world / max(1, len(t_all))
+        if pos_of is None:  # full softmax: every training item is a candidate
+            return info_nce(u, emb.float(), t, model.logit_scale, reduction="sum") * scale
+        cand = torch.unique(torch.cat([t_all, uniform]))  # sorted: positives of the global batch + negatives
+        logq = inclusion_logq(self.freq[cand], len(t_all), len(uniform), self.num_items).float()
+        return info_nce(u, emb[pos_of[cand]].float(), torch.searchsorted(cand, t), model.logit_scale,
+                        logq=logq, reduction="sum") * scale
+
+
+def all_gather_ids(ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(ids of every process, world size)``; just ``(ids, 1)`` outside ``torch.distributed``."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return ids, 1
+    world = dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.long, device=ids.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([len(ids)], device=ids.device))
+    width = int(max(s.item() for s in sizes))
+    padded = torch.full((width,), -1, dtype=ids.dtype, device=ids.device)
+    padded[: len(ids)] = ids
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded)
+    return torch.cat([o[: int(n.item())] for o, n in zip(out, sizes)]), world
+
+
 class SequenceTrainer:
-    """One optimizer, schedule and step function for the item-sequence user tower and the item tower."""
+    """Optimizer, schedule, step function and resumable state for the item-sequence user tower."""
 
     def __init__(self, config: Config, model: TwoTower, bank, split: Split, device, windows: Windows):
         self.config, self.model, self.bank, self.split, self.device = config, model, bank, split, device
         self.windows = windows
         self.full = use_full_softmax(config, split.num_items)
         freq = torch.bincount(windows.targets[windows.targets >= 0], minlength=split.num_items).double()
-        self.freq = (freq / freq.sum().clamp(min=1)).to(device)  # how often each item is a training target
+        freq = (freq / freq.sum().clamp(min=1)).to(device)  # how often each item is a training target
         tc = config.train
+        self.objective = NextItemLoss(model, bank, split.num_items, self.full, freq, config.item.modality_dropout,
+                                      autocast=device.type == "cuda")  # bf16 on CUDA; fp32 on CPU
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.step_fn = self.objective
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.step_fn = DistributedDataParallel(self.objective, device_ids=[device.index] if device.type == "cuda"
+                                                   else None)
         llm = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("user.llm.")]
         rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("user.llm.")]
         groups = [{"params": rest, "lr": tc.lr}]
@@ -128,78 +199,94 @@ class SequenceTrainer:
         from transformers import get_cosine_schedule_with_warmup
 
         self.scheduler = get_cosine_schedule_with_warmup(self.optim, int(tc.warmup * total), total)
-        self.autocast = device.type == "cuda"  # bf16 on CUDA; fp32 on CPU, where bf16 matmuls are slow
         self.step = 0
+        # Everything random in training draws from these, so a resumed run continues the same trajectory.
+        self.rng = random.Random(config.train.seed)  # window order
+        self.gen = torch.Generator().manual_seed(config.train.seed)  # uniform negatives (alike on every process)
 
     def loss(self, idx: torch.Tensor) -> torch.Tensor:
-        """Mean next-item loss over the real positions of windows ``idx``."""
-        cfg, model, dev = self.config, self.model, self.device
-        inputs, mask, targets = (t[idx].to(dev) for t in (self.windows.inputs, self.windows.mask, self.windows.targets))
-        keep = targets >= 0
-        t = targets[keep]  # (N,)
-        if self.full:
-            needed = None  # every training item is a candidate
-        else:
-            uniform = torch.randint(0, self.split.num_items, (cfg.train.num_negatives,), device=dev)
-            needed = torch.unique(torch.cat([inputs[mask.bool()], t, uniform]))
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-            emb = self.bank.encode(model, needed, dropout=cfg.item.modality_dropout)  # (M, D)
-            if needed is None:
-                pos_of = None
-                x = emb[inputs]
-            else:
-                pos_of = torch.full((self.split.num_items,), -1, dtype=torch.long, device=dev)
-                pos_of[needed] = torch.arange(len(needed), device=dev)
-                x = emb[pos_of[inputs]]
-            states = model.user.encode_sequence(x, mask, inputs if model.user.table is not None else None)
-            u = states[keep]  # (N, D)
-        if needed is None:
-            return info_nce(u.float(), emb.float(), t, model.logit_scale)
-        cand = torch.unique(torch.cat([t, uniform]))  # positives of the batch plus uniform negatives
-        logq = inclusion_logq(self.freq[cand], len(t), cfg.train.num_negatives, self.split.num_items)
-        target_in_cand = torch.searchsorted(cand, t)
-        return info_nce(u.float(), emb[pos_of[cand]].float(), target_in_cand, model.logit_scale, logq=logq.float())
+        """This process's share of the loss of the global batch of windows ``idx`` (its slice ``rank::world``)."""
+        idx = idx[self.rank::self.world]
+        inputs, mask, targets = (t[idx].to(self.device) for t in
+                                 (self.windows.inputs, self.windows.mask, self.windows.targets))
+        uniform = None
+        if not self.full:
+            uniform = torch.randint(0, self.split.num_items, (self.config.train.num_negatives,),
+                                    generator=self.gen).to(self.device)
+        return self.step_fn(inputs, mask, targets, uniform)
 
-    def epoch(self, order: list[int], desc: str = "", progress: bool = True) -> float:
-        """One pass over the windows in ``order``; returns the mean loss."""
+    def epoch(self, desc: str = "", progress: bool = True) -> float:
+        """One pass over the windows in a fresh random order; returns the mean loss."""
         tc = self.config.train
+        order = list(range(len(self.windows)))
+        self.rng.shuffle(order)
         self.model.train()
         if self.config.user.strategy == "frozen":
             self.model.user.llm.eval()  # no dropout inside a frozen LLM
         losses = []
         batches = range(0, len(order), tc.batch_size)
         self.optim.zero_grad(set_to_none=True)
-        for k, start in enumerate(tqdm(batches, desc=desc, leave=False, disable=not progress)):
+        for k, start in enumerate(tqdm(batches, desc=desc, leave=False, disable=not progress or self.rank > 0)):
             loss = self.loss(torch.as_tensor(order[start:start + tc.batch_size]))
             (loss / tc.grad_accum).backward()
-            losses.append(loss.item())
+            losses.append(loss.item() / self.world)
             if (k + 1) % tc.grad_accum == 0 or k == len(batches) - 1:
                 self.optim.step()
                 self.scheduler.step()
                 self.optim.zero_grad(set_to_none=True)
                 self.step += 1
-        return float(np.mean(losses)) if losses else float("nan")
+        return float(np.sum(losses) / len(losses) * self.world) if losses else float("nan")
+
+    def state_dict(self) -> dict:
+        """Model, optimizer, scheduler, RNGs and step: what a resumed run needs to continue the same trajectory."""
+        return {"model": trainable_state(self.model), "optim": self.optim.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "step": self.step, "rng": self.rng.getstate(),
+                "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "numpy_rng": np.random.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"], strict=False)
+        self.optim.load_state_dict(state["optim"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        self.rng.setstate(state["rng"])
+        self.gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        np.random.set_state(state["numpy_rng"])
 
 
-def fit_sequence(config: Config, model: TwoTower, bank, split: Split, device,
-                 progress: bool = True) -> tuple[int, list[dict]]:
-    """Train with early stopping on validation NDCG@10; the model ends with its best epoch's weights."""
+def fit_sequence(config: Config, model: TwoTower, bank, split: Split, device, progress: bool = True,
+                 resume_path: Path | None = None) -> tuple[int, list[dict]]:
+    """Train with early stopping on validation NDCG@10; the model ends with its best epoch's weights.
+
+    With ``resume_path``, the whole training state is saved there after every epoch (atomically), and
+    training continues from it when it exists.
+    """
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     windows = training_windows(split, config.user.max_len)
     trainer = SequenceTrainer(config, model, bank, split, device, windows)
-    logger.info("%d training windows, %s softmax", len(windows), "full" if trainer.full else "sampled")
-    rng = random.Random(config.train.seed)
+    logger.info("%d training windows, %s softmax, %d process(es)", len(windows),
+                "full" if trainer.full else "sampled", trainer.world)
     eval_users = list(range(split.num_users))
     if config.train.eval_users and config.train.eval_users < len(eval_users):
-        eval_users = sorted(rng.sample(eval_users, config.train.eval_users))
+        eval_users = sorted(random.Random(config.train.seed).sample(eval_users, config.train.eval_users))
     history: list[dict] = []
-    best, best_epoch, bad, best_state = -1.0, -1, 0, None
-    for epoch in range(config.train.epochs):
-        order = list(range(len(windows)))
-        rng.shuffle(order)
-        loss = trainer.epoch(order, f"epoch {epoch}", progress)
+    best, best_epoch, bad, best_state, start = -1.0, -1, 0, None, 0
+    if resume_path is not None and resume_path.is_file():
+        saved = torch.load(resume_path, map_location=device, weights_only=False)
+        trainer.load_state_dict(saved["trainer"])
+        history, best, best_epoch, bad, best_state = (saved[k] for k in ("history", "best", "best_epoch", "bad",
+                                                                         "best_state"))
+        start = len(history)
+        logger.info("resumed from %s after epoch %d", resume_path, start - 1)
+    stopped = start > 0 and bad >= config.train.patience
+    for epoch in range(start, 0 if stopped else config.train.epochs):
+        loss = trainer.epoch(f"epoch {epoch}", progress)
         model.eval()
         with torch.no_grad():
             valid = evaluate_sequences(model, split, bank.encode(model), "valid", eval_users)
@@ -213,9 +300,20 @@ def fit_sequence(config: Config, model: TwoTower, bank, split: Split, device,
             best_state = trainable_state(model)
         else:
             bad += 1
-            if bad >= config.train.patience:
-                break
+        if resume_path is not None and trainer.rank == 0:
+            save_resume_state(resume_path, {"trainer": trainer.state_dict(), "history": history, "best": best,
+                                            "best_epoch": best_epoch, "bad": bad, "best_state": best_state})
+        if bad >= config.train.patience:
+            break
     if best_state is not None:
         model.load_state_dict(best_state, strict=False)
     model.eval()
     return best_epoch, history
+
+
+def save_resume_state(path: Path, state: dict) -> None:
+    """``torch.save`` to a temporary sibling, then rename: an interrupted save never corrupts the last state."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,153 @@
+"""The item-sequence user tower (user.input: items): windows, strategies, losses, causality, serving parity."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from configs import load_config
+from data.protocol import Split
+from towers.factory import build_towers, is_saved, load_towers
+from train.losses import inclusion_logq, info_nce
+from train.sequence import eval_sequences, training_windows
+
+ITEMS = ["user.input=items", "item.image.enabled=false", "item.audio.enabled=false"]
+
+
+def _split(lengths: list[int]) -> Split:
+    """Users with disjoint items (user u's are the next len(u) integers, shuffled), so rows name their user."""
+    rng = np.random.default_rng(0)
+    seqs, start = [], 0
+    for n in lengths:
+        seqs.append(rng.permutation(np.arange(start, start + n)))
+        start += n
+    return Split(user_ids=list(range(len(lengths))), item_ids=list(range(start)), sequences=seqs)
+
+
+@pytest.mark.parametrize("max_len", [3, 5, 50])
+def test_windows_predict_every_training_target_once(max_len: int) -> None:
+    split = _split([4, 9, 17, 25])
+    w = training_windows(split, max_len)
+    assert w.inputs.shape[1] == max_len
+    all_targets = w.targets[w.targets >= 0].tolist()
+    for seq in split.sequences:
+        train, held = set(seq[:-2].tolist()), set(seq[-2:].tolist())
+        got = sorted(t for t in all_targets if t in train)
+        assert got == sorted(seq[1:-2].tolist())  # every training item but the first, exactly once
+        assert not held & set(all_targets) and not held & set(w.inputs[w.mask.bool()].tolist())
+    # inputs at position p are followed by their target: the target is the next item of the same window
+    for row in range(len(w)):
+        n = int(w.mask[row].sum())
+        assert (w.targets[row, :n] >= 0).all() and (w.targets[row, n:] == -1).all()
+        assert torch.equal(w.inputs[row, 1:n], w.targets[row, : n - 1])
+
+
+def test_eval_sequences_hold_out_the_target() -> None:
+    split = _split([6, 8])
+    inputs, mask = eval_sequences(split, [0, 1], "valid", 50)
+    for u in (0, 1):
+        seq = split.sequences[u]
+        n = int(mask[u].sum())
+        assert inputs[u, :n].tolist() == seq[:-2].tolist()  # everything before the validation item
+    inputs, mask = eval_sequences(split, [1], "test", 4)
+    assert inputs[0].tolist() == split.sequences[1][:-1][-4:].tolist()  # the 4 most recent before the test item
+
+
+def test_inclusion_logq_by_hand() -> None:
+    freq = torch.tensor([0.5, 0.1, 0.0])
+    got = inclusion_logq(freq, num_positives=2, num_uniform=3, num_items=10)
+    miss_uniform = 0.9 ** 3
+    want = [math.log(1 - 0.25 * miss_uniform), math.log(1 - 0.81 * miss_uniform), math.log(1 - miss_uniform)]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64))
+    assert got[0] > got[1] > got[2]  # frequent items are candidates more often
+
+
+def test_logq_lowers_frequent_items_logits() -> None:
+    """Sampled softmax with logQ: ``logits - log q``, by hand (TFRS issue #219 had the sign flipped)."""
+    u = torch.tensor([[1.0, 0.0]])
+    v = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    logq = torch.tensor([math.log(0.5), math.log(0.1)])
+    scale = torch.tensor(0.0)  # logit scale 1
+    got = info_nce(u, v, torch.tensor([0]), scale, logq=logq)
+    logits = torch.tensor([1.0 - math.log(0.5), 0.0 - math.log(0.1)])
+    torch.testing.assert_close(got, -torch.log_softmax(logits, 0)[0])
+
+
+@pytest.mark.parametrize("init", ["pretrained", "random"])
+def test_state_at_position_sees_only_the_past(init: str) -> None:
+    torch.manual_seed(0)
+    model = build_towers(load_config("tiny", [*ITEMS, f"user.init={init}", "user.dropout=0"])).eval()
+    x = torch.randn(2, 7, model.config.dim)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        full = model.user.encode_sequence(x, mask)
+        for p in range(1, 7):
+            cut = model.user.encode_sequence(x[:, :p], mask[:, :p])
+            torch.testing.assert_close(full[:, :p][mask[:, :p].bool()], cut[mask[:, :p].bool()],
+                                       atol=2e-5, rtol=1e-4)
+        x2 = x.clone()
+        x2[:, 4:] += 1.0  # changing later items must change later states only
+        changed = model.user.encode_sequence(x2, mask)
+    torch.testing.assert_close(changed[:, :4], full[:, :4], atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(changed[0, 4:], full[0, 4:])
+
+
+def test_strategies_choose_what_trains() -> None:
+    def trainable(model) -> set[str]:
+        return {n for n, p in model.user.llm.named_parameters() if p.requires_grad}
+
+    frozen = build_towers(load_config("tiny", [*ITEMS, "user.strategy=frozen"]))
+    assert trainable(frozen) == set()
+    full = build_towers(load_config("tiny", [*ITEMS, "user.strategy=full"]))
+    assert trainable(full) == {n for n, _ in full.user.llm.named_parameters()}
+    top = build_towers(load_config("tiny", [*ITEMS, "user.strategy=top_k", "user.top_k=1"]))
+    assert trainable(top) and all(n.startswith("layers.1.") for n in trainable(top))  # 2-layer decoder: top one
+    lora = build_towers(load_config("tiny", [*ITEMS, "user.strategy=lora", "user.lora_targets=q_proj,v_proj"]))
+    names = trainable(lora)
+    assert names and all("lora_" in n for n in names)
+    assert any("q_proj" in n for n in names) and any("v_proj" in n for n in names)
+    assert not any("k_proj" in n for n in names)
+    saved = [k for k in lora.state_dict() if k.startswith("user.llm.") and is_saved(lora, k)]
+    assert saved and all("lora_" in k for k in saved)  # the frozen base reloads from its reference
+
+
+def test_lora_checkpoint_round_trip(tmp_path: Path) -> None:
+    from towers.factory import save_towers
+
+    torch.manual_seed(0)
+    config = load_config("tiny", [*ITEMS, "user.strategy=lora"])
+    model = build_towers(config, num_ids=5).eval()
+    for n, p in model.user.llm.named_parameters():
+        if "lora_B" in n:  # peft starts B at zero: make the adapters matter
+            torch.nn.init.normal_(p, std=0.5)
+    save_towers(model, tmp_path)
+    again = load_towers(tmp_path)
+    x = torch.randn(2, 4, config.dim)
+    mask = torch.ones(2, 4, dtype=torch.long)
+    with torch.no_grad():
+        torch.testing.assert_close(again.user.encode_users(x, mask), model.user.encode_users(x, mask))
+
+
+@pytest.mark.parametrize("extra", [[], ["user.input_table=both", "user.strategy=lora"],
+                                   ["train.loss=sampled", "train.num_negatives=16", "user.init=random"]],
+                         ids=["shared-full", "both-lora", "sampled-random"])
+def test_served_evaluation_equals_training(tiny_catalog: Path, tmp_path: Path, extra: list[str]) -> None:
+    """The served path (index vectors, Recommender, evaluate) reproduces the training loop's test metrics."""
+    from index.build import build_index
+    from index.evaluate import evaluate
+    from train.loop import train
+
+    run = tmp_path / "run"
+    result = train(load_config("tiny", [*ITEMS, "train.epochs=2", *extra]), tiny_catalog, run, progress=False)
+    build_index(run, progress=False)
+    served = evaluate(run, rerank=False, progress=False)["retrieval"]
+    for key in ("recall@10", "ndcg@10", "mrr@10", "recall@20", "ndcg@20"):
+        assert served[key] == pytest.approx(result.test[key], abs=2e-4), key
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["history"] and metrics["test"]["ndcg@10"] == result.test["ndcg@10"]
