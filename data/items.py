@@ -7,6 +7,7 @@ only ever see tensors.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 from collections.abc import Sequence
@@ -69,15 +70,23 @@ class ItemDataset(Dataset):
     def __len__(self) -> int:
         return len(self.texts)
 
+    def without(self, *modalities: str) -> ItemDataset:
+        """The same items with some modalities left undecoded (e.g. text whose features are cached)."""
+        other = copy.copy(self)
+        other.skip = frozenset(self.skip) | set(modalities)
+        return other
+
+    skip: frozenset = frozenset()  # modalities not decoded (their features come from elsewhere)
+
     def __getitem__(self, i: int) -> dict:
         out: dict = {"row": i, "id_index": int(self.id_rows[i])}
-        if self.cfg.text.enabled:
+        if self.cfg.text.enabled and "text" not in self.skip:
             enc = self.tokenizer(self.texts[i], truncation=True, max_length=self.cfg.text.max_length)
             out["text_input_ids"] = enc["input_ids"]
-        if self.cfg.image.enabled:
+        if self.cfg.image.enabled and "image" not in self.skip:
             path = self.catalog.media_path(self.image_paths[i])
             out["pixels"] = None if path is None else load_image(path, self.cfg.image.image_size, *self.image_norm)
-        if self.cfg.audio.enabled:
+        if self.cfg.audio.enabled and "audio" not in self.skip:
             path = self.catalog.media_path(self.audio_paths[i])
             out["waveform"] = None if path is None else load_audio(
                 path, self.cfg.audio.sample_rate, self.cfg.audio.max_seconds)
@@ -107,8 +116,10 @@ def collate_items(items: Sequence[dict], pad_id: int = 0, image_size: int = 0) -
 
 
 def item_loader(dataset: ItemDataset, rows: Sequence[int] | None = None, batch_size: int = 64,
-                num_workers: int = 0) -> DataLoader:
-    """DataLoader over ``rows`` (default: all items) in order."""
+                num_workers: int = 0, text_only: bool = False) -> DataLoader:
+    """DataLoader over ``rows`` (default: all items) in order; ``text_only`` decodes no media."""
+    if text_only:
+        dataset = dataset.without("image", "audio")
     pad = dataset.tokenizer.pad_token_id if dataset.tokenizer is not None else 0
     size = dataset.cfg.image.image_size
     subset = dataset if rows is None else Subset(dataset, list(rows))

@@ -18,6 +18,7 @@ from data.rundir import RunDir
 from index.store import Manifest, build_faiss, empty_index, write_version
 from towers.device import resolve_device
 from towers.factory import TwoTower, item_fingerprint, load_towers, make_item_dataset
+from towers.feature_cache import text_encoder_is_cacheable, text_features
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +32,16 @@ def embed_items(model: TwoTower, catalog: Catalog, id_rows: np.ndarray, device, 
     is embedded from its content alone).
     """
     dataset = make_item_dataset(catalog, model, id_rows)
+    texts = None
+    if text_encoder_is_cacheable(model):  # frozen text encoder: features from the cache that training filled
+        texts = text_features(model, dataset, device, batch_size, progress)
+        dataset = dataset.without("text")
     loader = item_loader(dataset, batch_size=batch_size, num_workers=num_workers)
     out = []
     for batch in tqdm(loader, desc="embedding items", disable=not progress, unit="batch"):
-        batch.pop("row")
+        rows = batch.pop("row")
+        if texts is not None:
+            batch["text_features"] = texts[rows]
         out.append(model.item.encode_items(to_device(batch, device)).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.config.dim), dtype=np.float32)
 

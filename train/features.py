@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from data.items import ItemDataset, item_loader, to_device
+from towers.feature_cache import text_features
 
 
 @torch.inference_mode()
@@ -30,14 +32,19 @@ def frozen_features(model, dataset: ItemDataset, device, batch_size: int = 64, n
         frozen.append("image")
     if not frozen:
         return {}
+    cached = None
+    if "text" in frozen:  # every catalog item's text, once per catalog and encoder (see towers/feature_cache.py)
+        all_text = text_features(model, dataset, device, batch_size, progress)
+        cached = all_text if rows is None else all_text[torch.as_tensor(np.asarray(rows), dtype=torch.long)]
+        frozen.remove("text")
+    if not frozen:
+        return {"text_features": cached}
     out: dict[str, list[torch.Tensor]] = {m: [] for m in frozen}
     masks: list[torch.Tensor] = []
-    loader = item_loader(dataset, rows, batch_size=batch_size, num_workers=num_workers)
+    loader = item_loader(dataset.without("text", "audio"), rows, batch_size=batch_size, num_workers=num_workers)
     for batch in tqdm(loader, desc=f"caching frozen {'+'.join(frozen)} features", leave=False, disable=not progress):
         n = len(batch["row"])
         batch = to_device(batch, device)
-        if "text" in frozen:
-            out["text"].append(item.text(batch["text_input_ids"], batch["text_attention_mask"]).float().cpu())
         if "image" in frozen:
             if "pixels" in batch:  # collate leaves pixels out when no item of the batch has an image
                 out["image"].append(item.image(batch["pixels"]).float().cpu())
@@ -46,6 +53,8 @@ def frozen_features(model, dataset: ItemDataset, device, batch_size: int = 64, n
                 out["image"].append(torch.zeros(n, item.image.feature_dim))
                 masks.append(torch.zeros(n, dtype=torch.bool))
     feats = {f"{m}_features": torch.cat(v) for m, v in out.items()}
+    if cached is not None:
+        feats["text_features"] = cached
     if "image" in frozen:
         feats["image_mask"] = torch.cat(masks)
     return feats

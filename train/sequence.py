@@ -92,7 +92,8 @@ def evaluate_sequences(model: TwoTower, split: Split, item_emb: torch.Tensor, wh
     """Full-ranking metrics over all split items for ``which`` in (valid, test), history excluded."""
     users = list(range(split.num_users)) if users is None else users
     inputs, mask = eval_sequences(split, users, which, model.config.user.max_len)
-    u = sequence_user_embeddings(model, item_emb, inputs, mask)
+    width = max(1, int(mask.sum(1).max()))
+    u = sequence_user_embeddings(model, item_emb, inputs[:, :width], mask[:, :width])
     ranks = []
     for start in range(0, len(users), 512):
         idx = users[start:start + 512]
@@ -207,7 +208,8 @@ class SequenceTrainer:
     def loss(self, idx: torch.Tensor) -> torch.Tensor:
         """This process's share of the loss of the global batch of windows ``idx`` (its slice ``rank::world``)."""
         idx = idx[self.rank::self.world]
-        inputs, mask, targets = (t[idx].to(self.device) for t in
+        width = max(1, int(self.windows.mask[idx].sum(1).max()))  # pad to the batch's longest window only
+        inputs, mask, targets = (t[idx, :width].to(self.device) for t in
                                  (self.windows.inputs, self.windows.mask, self.windows.targets))
         uniform = None
         if not self.full:
