@@ -290,3 +290,47 @@ def prepare_movielens_latest(src: str | Path, out: str | Path) -> Catalog:
     return write_catalog(out, items, interactions,
                          meta={"source": str(src), "dataset": "movielens-latest-small", "tie_break": "item_id"},
                          items_source=str(src / "movies.csv"), interactions_source=str(src / "ratings.csv"))
+
+
+@register("sequences", "ID-only sequences: one line per user, the user id then item ids oldest first "
+          "(P5-style user_sequence.txt, e.g. the Amazon Beauty/Sports/Toys sets)", required=("src",))
+def _sequences(out, src) -> Catalog:
+    return prepare_sequences(src, out)
+
+
+def prepare_sequences(src: str | Path, out: str | Path) -> Catalog:
+    """Import whitespace-separated sequences (``src`` is the file, or a folder holding ``user_sequence.txt``).
+
+    There are no timestamps: an interaction's position in its line is its timestamp, so the chronological
+    split follows the file's order. Items have no text: their title is their id, and only an id vector (or
+    whatever the config adds) can describe them.
+    """
+    path = Path(src)
+    if path.is_dir():
+        path = path / "user_sequence.txt"
+    if not path.is_file():
+        raise CatalogError(f"{path}: file not found (expected one line per user: user_id item_id item_id ...)")
+    users, items, stamps = [], [], []
+    seen_users: set[str] = set()
+    with path.open(encoding="utf-8") as f:
+        for row, line in enumerate(f, start=1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) < 2:
+                raise CatalogError(f"{path} row {row}: user {parts[0]!r} has no items")
+            if parts[0] in seen_users:
+                raise CatalogError(f"{path} row {row}: user {parts[0]!r} appears twice")
+            seen_users.add(parts[0])
+            for t, item in enumerate(parts[1:]):
+                users.append(parts[0])
+                items.append(item)
+                stamps.append(t)
+    if not users:
+        raise CatalogError(f"{path}: no sequences")
+    interactions = pl.DataFrame({"user_id": users, "item_id": items, "timestamp": stamps})
+    ids = interactions["item_id"].unique(maintain_order=True)
+    catalog_items = pl.DataFrame({"item_id": ids, "title": ids})
+    return write_catalog(out, catalog_items, interactions,
+                         meta={"source": str(path), "dataset": path.parent.name, "tie_break": "input_order"},
+                         items_source=str(path), interactions_source=str(path))

@@ -178,3 +178,21 @@ def test_prepare_generic_media_checked_per_row(tmp_path: Path, poster: Path) -> 
                                                    f"{src / 'img' / 'bad.jpg'}: cannot decode image")):
         prepare_generic(items, interactions, tmp_path / "cat", mapping={"cover": "image_path"})
     assert not (tmp_path / "cat").exists()
+
+
+def test_sequences_importer(tmp_path) -> None:
+    from data.importers import prepare
+
+    src = tmp_path / "user_sequence.txt"
+    src.write_text("u1 a b c d e\nu2 b c a\n\nu3 e d\n")
+    catalog = prepare("sequences", tmp_path / "cat", src=str(tmp_path))
+    inter = catalog.interactions.sort(["user_id", "timestamp"])
+    assert inter.filter(inter["user_id"] == "u2")["item_id"].to_list() == ["b", "c", "a"]  # line order = time
+    assert catalog.items["title"].to_list() == catalog.items["item_id"].to_list()
+    assert catalog.meta["tie_break"] == "input_order"
+    src.write_text("u1 a b\nu1 c d\n")
+    with pytest.raises(CatalogError, match="row 2: user 'u1' appears twice"):
+        prepare("sequences", tmp_path / "cat2", src=str(src))
+    src.write_text("u1\n")
+    with pytest.raises(CatalogError, match="row 1: user 'u1' has no items"):
+        prepare("sequences", tmp_path / "cat3", src=str(src))
