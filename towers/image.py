@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -24,6 +25,11 @@ def _register_configs() -> None:
         _registered = True
 
 
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
 def create_clip(arch: str, pretrained: str = "", image_size: int | None = None):
     """Build an open_clip model by name; ``pretrained`` is a tag (hub) or a local checkpoint file.
 
@@ -38,8 +44,14 @@ def create_clip(arch: str, pretrained: str = "", image_size: int | None = None):
     kwargs = {}
     if image_size:
         kwargs["force_image_size"] = image_size
-    if not pretrained:
-        return open_clip.create_model(arch, **kwargs)
+    if not pretrained:  # a random init is what was asked for: open_clip's warning that it is one is noise
+        root = logging.getLogger()
+        quiet = _DropRandomInitWarning()
+        root.addFilter(quiet)
+        try:
+            return open_clip.create_model(arch, **kwargs)
+        finally:
+            root.removeFilter(quiet)
     try:
         return open_clip.create_model(arch, pretrained=pretrained, **kwargs)
     except (RuntimeError, OSError) as err:  # open_clip reports unknown tags and failed downloads as RuntimeError
