@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -43,25 +44,23 @@ def publish_dir(tmp: Path, target: Path) -> None:
         os.replace(tmp, target)
 
 
-def write_text(path: str | Path, text: str) -> None:
-    """Write a text file atomically (temporary sibling, then ``os.replace``)."""
+def write_file(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Write a file atomically: ``write(tmp)`` fills a temporary sibling, which then replaces ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        tmp.write_text(text)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically."""
+    write_file(path, lambda tmp: tmp.write_text(text))
 
 
 def write_parquet(df, path: str | Path) -> None:
     """Write a polars DataFrame to Parquet atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        df.write_parquet(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_file(path, df.write_parquet)

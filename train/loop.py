@@ -29,12 +29,13 @@ from data.protocol import Split, held_out, ranking_metrics, split_catalog, targe
 from data.rundir import RunDir
 from errors import CatalogError, CheckpointError, ConfigError
 from towers.device import resolve_device
-from towers.factory import TwoTower, build_towers, make_item_dataset, save_towers, trainable_state
+from towers.factory import TwoTower, build_towers, make_item_dataset, save_towers
 from towers.hub import load_tokenizer
 from train.curves import plot_curves
 from train.distributed import init_distributed
 from train.features import frozen_features
 from train.losses import info_nce
+from train.selection import BestEpoch
 from train.sequence import evaluate_sequences, fit_sequence
 
 logger = logging.getLogger(__name__)
@@ -282,8 +283,7 @@ def fit(config: Config, model: TwoTower, states: UserStates, bank: ItemBank, spl
     if config.train.eval_users and config.train.eval_users < len(eval_users):
         eval_users = sorted(rng.sample(eval_users, config.train.eval_users))
 
-    history: list[dict] = []
-    best, best_epoch, bad, best_state = -1.0, -1, 0, None
+    best = BestEpoch(config.train.patience)
     for epoch in range(config.train.epochs):
         order = trainable_prompts[:]
         rng.shuffle(order)
@@ -291,22 +291,10 @@ def fit(config: Config, model: TwoTower, states: UserStates, bank: ItemBank, spl
         model.eval()
         with torch.no_grad():
             valid = evaluate_positions(model, states, split, bank.encode(model), "valid", eval_users)
-        record = {"epoch": epoch, "loss": loss,
-                  "temperature": float(1 / model.logit_scale.detach().exp().clamp(max=100)), **valid}
-        history.append(record)
-        logger.info("epoch %d loss %.4f valid recall@10 %.4f ndcg@10 %.4f", epoch, loss,
-                    valid["recall@10"], valid["ndcg@10"])
-        if valid["ndcg@10"] > best:
-            best, best_epoch, bad = valid["ndcg@10"], epoch, 0
-            best_state = trainable_state(model)  # a copy (see trainable_state); frozen backbones never change
-        else:
-            bad += 1
-            if bad >= config.train.patience:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state, strict=False)
-    model.eval()
-    return best_epoch, history
+        if best.update(model, epoch, loss, valid):
+            break
+    best.restore(model)
+    return best.epoch, best.history
 
 
 def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress: bool = True,

@@ -29,6 +29,7 @@ from configs import Config
 from data.protocol import Split, held_out, ranking_metrics, target_ranks
 from towers.factory import TwoTower, trainable_state
 from train.losses import inclusion_logq, info_nce
+from train.selection import BestEpoch
 
 logger = logging.getLogger(__name__)
 
@@ -277,40 +278,24 @@ def fit_sequence(config: Config, model: TwoTower, bank, split: Split, device, pr
     eval_users = list(range(split.num_users))
     if config.train.eval_users and config.train.eval_users < len(eval_users):
         eval_users = sorted(random.Random(config.train.seed).sample(eval_users, config.train.eval_users))
-    history: list[dict] = []
-    best, best_epoch, bad, best_state, start = -1.0, -1, 0, None, 0
+    best = BestEpoch(config.train.patience)
     if resume_path is not None and resume_path.is_file():
         saved = torch.load(resume_path, map_location=device, weights_only=False)
         trainer.load_state_dict(saved["trainer"])
-        history, best, best_epoch, bad, best_state = (saved[k] for k in ("history", "best", "best_epoch", "bad",
-                                                                         "best_state"))
-        start = len(history)
-        logger.info("resumed from %s after epoch %d", resume_path, start - 1)
-    stopped = start > 0 and bad >= config.train.patience
-    for epoch in range(start, 0 if stopped else config.train.epochs):
+        best.load_state_dict(saved["selection"])
+        logger.info("resumed from %s after epoch %d", resume_path, len(best.history) - 1)
+    for epoch in range(len(best.history), 0 if best.stopped else config.train.epochs):
         loss = trainer.epoch(f"epoch {epoch}", progress)
         model.eval()
         with torch.no_grad():
             valid = evaluate_sequences(model, split, bank.encode(model), "valid", eval_users)
-        record = {"epoch": epoch, "loss": loss, "lr": trainer.scheduler.get_last_lr()[0],
-                  "temperature": float(1 / model.logit_scale.detach().exp().clamp(max=100)), **valid}
-        history.append(record)
-        logger.info("epoch %d loss %.4f valid recall@10 %.4f ndcg@10 %.4f", epoch, loss,
-                    valid["recall@10"], valid["ndcg@10"])
-        if valid["ndcg@10"] > best:
-            best, best_epoch, bad = valid["ndcg@10"], epoch, 0
-            best_state = trainable_state(model)
-        else:
-            bad += 1
+        stop = best.update(model, epoch, loss, valid, lr=trainer.scheduler.get_last_lr()[0])
         if resume_path is not None and trainer.rank == 0:
-            save_resume_state(resume_path, {"trainer": trainer.state_dict(), "history": history, "best": best,
-                                            "best_epoch": best_epoch, "bad": bad, "best_state": best_state})
-        if bad >= config.train.patience:
+            save_resume_state(resume_path, {"trainer": trainer.state_dict(), "selection": best.state_dict()})
+        if stop:
             break
-    if best_state is not None:
-        model.load_state_dict(best_state, strict=False)
-    model.eval()
-    return best_epoch, history
+    best.restore(model)
+    return best.epoch, best.history
 
 
 def save_resume_state(path: Path, state: dict) -> None:
