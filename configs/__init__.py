@@ -190,6 +190,9 @@ class UserTowerConfig(_Checked):
     # items input: the input embedding of a history item is the item tower's embedding ("shared"), a learned
     # table over training items ("own"), or their sum ("both"); cold items always use the item tower's
     input_table: InputTable = "shared"
+    # items input, pretrained init: also add each item's title, as the mean of the LLM's own token embeddings of
+    # it, to its position, so the pretrained layers read what they were trained on and not only a projection
+    item_titles: bool = False
     random_layers: int = _bounded(2, ge=1)  # init "random": decoder layers
     random_hidden: int = _bounded(64, ge=8)  # init "random": hidden size (heads of 32 dims)
     gradient_checkpointing: bool = False  # recompute LLM activations in backward (less memory, more compute)

@@ -26,6 +26,7 @@ from index.store import live_version, read_vectors, read_version
 from towers.device import resolve_device
 from towers.factory import TwoTower, item_fingerprint, load_towers
 from towers.hub import load_tokenizer
+from towers.sequence import title_table
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class Recommender:
         # and, for an own input table, their id-table rows (-1 for items without one).
         self.vectors = vectors
         self.id_rows = self.index_items.to(id_table) if id_table is not None else None
+        self.title_vectors = title_table(model, self.titles) if vectors is not None else None  # (N, H) or None
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str = "auto", version: str | None = None) -> Recommender:
@@ -161,9 +163,15 @@ class Recommender:
                 mask[i, : len(r)] = 1
                 if self.id_rows is not None:
                     id_rows[i, : len(r)] = self.id_rows[r]
+            titles = None
+            if self.title_vectors is not None:  # padding positions read row 0: masked out anyway
+                rows = torch.zeros(len(chunk), width, dtype=torch.long)
+                for i, r in enumerate(chunk):
+                    rows[i, : len(r)] = torch.from_numpy(r)
+                titles = self.title_vectors[rows.to(self.title_vectors.device)]
             emb = self.model.user.encode_users(
                 torch.from_numpy(x).to(self.device), torch.from_numpy(mask).to(self.device),
-                torch.from_numpy(id_rows).to(self.device) if use_table else None)
+                torch.from_numpy(id_rows).to(self.device) if use_table else None, titles)
             out.append(emb.float().cpu().numpy())
         return np.concatenate(out)
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from configs import UserTowerConfig
+from errors import ConfigError
 from towers.llm import apply_strategy, build_decoder
 from towers.user import UserHead
 
@@ -32,8 +33,13 @@ class ItemSequenceUserTower(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.dim = dim
+        if cfg.item_titles and cfg.init != "pretrained":
+            raise ConfigError("user.item_titles needs user.init=pretrained (the LLM's own token embeddings)")
         llm = build_decoder(cfg, cfg.dropout)
-        llm.embed_tokens = None  # (V, H): never used with inputs_embeds; Gemma's is 168M parameters
+        # The token embeddings (Gemma's: 168M parameters) are not part of the tower: with item_titles they stay
+        # outside the module tree (frozen, never saved) to embed titles; otherwise they are dropped.
+        object.__setattr__(self, "_token_embeddings", llm.embed_tokens if cfg.item_titles else None)
+        llm.embed_tokens = None
         self.hidden_size = int(llm.config.hidden_size)
         if cfg.gradient_checkpointing:
             llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -56,26 +62,67 @@ class ItemSequenceUserTower(nn.Module):
             return torch.where(known, own, item_emb)
         return item_emb + own * known
 
-    def states(self, item_emb: torch.Tensor, mask: torch.Tensor, id_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """LLM states ``(B, T, H)`` after each history position (right-padded, ``mask`` 1 on real items)."""
+    @torch.no_grad()
+    def title_embeddings(self, token_ids: list[list[int]]) -> torch.Tensor:
+        """``(N, H)``: each title's mean token embedding in the LLM's own input space (``user.item_titles``)."""
+        if self._token_embeddings is None:
+            raise ConfigError("title embeddings need user.item_titles=true")
+        emb = self._token_embeddings
+        device = next(self.parameters()).device
+        emb.to(device)
+        out = torch.zeros(len(token_ids), self.hidden_size, device=device)
+        for start in range(0, len(token_ids), 1024):
+            chunk = token_ids[start:start + 1024]
+            width = max(1, max(len(t) for t in chunk))
+            ids = torch.zeros(len(chunk), width, dtype=torch.long, device=device)
+            mask = torch.zeros(len(chunk), width, device=device)
+            for i, t in enumerate(chunk):
+                ids[i, : len(t)] = torch.as_tensor(t, dtype=torch.long)
+                mask[i, : len(t)] = 1
+            e = emb(ids).float() * mask.unsqueeze(-1)  # (n, L, H)
+            out[start:start + len(chunk)] = e.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        return out
+
+    def states(self, item_emb: torch.Tensor, mask: torch.Tensor, id_rows: torch.Tensor | None = None,
+               titles: torch.Tensor | None = None) -> torch.Tensor:
+        """LLM states ``(B, T, H)`` after each history position (right-padded, ``mask`` 1 on real items).
+
+        ``titles (B, T, H)``: the items' title embeddings (see :meth:`title_embeddings`), added to the inputs.
+        """
         if item_emb.dim() != 3 or item_emb.shape[-1] != self.dim or mask.shape != item_emb.shape[:2]:
             raise ValueError(f"expected items (B, T, {self.dim}) and mask (B, T), got {tuple(item_emb.shape)}, "
                              f"{tuple(mask.shape)}")
-        x = self.drop(self.in_proj(self.inputs(item_emb, id_rows)))  # (B, T, H)
+        x = self.in_proj(self.inputs(item_emb, id_rows))  # (B, T, H)
+        if titles is not None:
+            x = x + titles.to(x.dtype)
+        x = self.drop(x)
         return self.llm(inputs_embeds=x, attention_mask=mask.long(), use_cache=False).last_hidden_state
 
-    def encode_sequence(self, item_emb: torch.Tensor, mask: torch.Tensor,
-                        id_rows: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_sequence(self, item_emb: torch.Tensor, mask: torch.Tensor, id_rows: torch.Tensor | None = None,
+                        titles: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, T, D)`` user embeddings after every position."""
-        return self.head(self.states(item_emb, mask, id_rows))
+        return self.head(self.states(item_emb, mask, id_rows, titles))
 
-    def encode_users(self, item_emb: torch.Tensor, mask: torch.Tensor, id_rows: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_users(self, item_emb: torch.Tensor, mask: torch.Tensor, id_rows: torch.Tensor | None = None,
+                     titles: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, D)`` user embeddings after each history's last item (right-padded)."""
-        h = self.states(item_emb, mask, id_rows)
+        h = self.states(item_emb, mask, id_rows, titles)
         last = mask.long().sum(1) - 1  # (B,)
         return self.head(h[torch.arange(h.shape[0], device=h.device), last])
 
     forward = encode_users
+
+
+def title_table(model, titles: list[str]) -> torch.Tensor | None:
+    """``(N, H)`` title embeddings of ``titles`` for an item-sequence tower with ``user.item_titles``; else None."""
+    user = model.user
+    if not getattr(user, "cfg", None) or not getattr(user.cfg, "item_titles", False):
+        return None
+    from towers.hub import load_tokenizer
+
+    tokenizer = load_tokenizer(model.config.user.model)
+    ids = [list(tokenizer(t or "", add_special_tokens=False)["input_ids"])[:32] for t in titles]
+    return user.title_embeddings(ids)
 
 
 def gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ from errors import CatalogError, CheckpointError, ConfigError
 from towers.device import resolve_device
 from towers.factory import TwoTower, build_towers, make_item_dataset, save_towers
 from towers.hub import load_tokenizer
+from towers.sequence import title_table
 from train.curves import plot_curves
 from train.distributed import init_distributed
 from train.features import frozen_features
@@ -328,11 +329,13 @@ def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress
         model = build_towers(config, num_ids=data.split.num_items).to(device)  # step 2
         bank = build_item_bank(config, model, data, device, progress and rank == 0)
         if config.user.input == "items":  # the LLM reads item embeddings: see train/sequence.py
-            best_epoch, history = fit_sequence(config, model, bank, data.split, device, progress, resume_path)
+            titles = title_table(model, data.catalog.items["title"].gather(data.split_rows).to_list())
+            best_epoch, history = fit_sequence(config, model, bank, data.split, device, progress, resume_path,
+                                               titles)
             with torch.no_grad():  # step 6: the best epoch on all validation users, then test, scored once
                 item_emb = bank.encode(model)
-                valid = evaluate_sequences(model, data.split, item_emb, "valid")
-                test = evaluate_sequences(model, data.split, item_emb, "test")
+                valid = evaluate_sequences(model, data.split, item_emb, "valid", titles=titles)
+                test = evaluate_sequences(model, data.split, item_emb, "test", titles=titles)
         else:
             states = build_user_states(config, model, data, device, progress)
             best_epoch, history = fit(config, model, states, bank, data.split, device, progress)

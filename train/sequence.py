@@ -77,24 +77,26 @@ def _pad(rows: list[np.ndarray], width: int, fill: int = 0) -> tuple[torch.Tenso
 
 
 def sequence_user_embeddings(model: TwoTower, item_emb: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor,
-                             batch_size: int = 256) -> torch.Tensor:
-    """``(U, D)`` user embeddings after each history's last item; ``item_emb (I, D)`` gives the inputs."""
+                             batch_size: int = 256, titles: torch.Tensor | None = None) -> torch.Tensor:
+    """``(U, D)`` user embeddings after each history's last item; ``item_emb (I, D)`` gives the inputs and
+    ``titles (I, H)`` (``user.item_titles``) their title embeddings."""
     out = []
     device = item_emb.device
     for start in range(0, len(inputs), batch_size):
         x, m = inputs[start:start + batch_size].to(device), mask[start:start + batch_size].to(device)
-        out.append(model.user.encode_users(item_emb[x], m, x if model.user.table is not None else None))
+        out.append(model.user.encode_users(item_emb[x], m, x if model.user.table is not None else None,
+                                           None if titles is None else titles[x]))
     return torch.cat(out) if out else item_emb.new_zeros((0, item_emb.shape[1]))
 
 
 @torch.no_grad()
 def evaluate_sequences(model: TwoTower, split: Split, item_emb: torch.Tensor, which: str,
-                       users: list[int] | None = None) -> dict[str, float]:
+                       users: list[int] | None = None, titles: torch.Tensor | None = None) -> dict[str, float]:
     """Full-ranking metrics over all split items for ``which`` in (valid, test), history excluded."""
     users = list(range(split.num_users)) if users is None else users
     inputs, mask = eval_sequences(split, users, which, model.config.user.max_len)
     width = max(1, int(mask.sum(1).max()))
-    u = sequence_user_embeddings(model, item_emb, inputs[:, :width], mask[:, :width])
+    u = sequence_user_embeddings(model, item_emb, inputs[:, :width], mask[:, :width], titles=titles)
     ranks = []
     for start in range(0, len(users), 512):
         idx = users[start:start + 512]
@@ -124,9 +126,10 @@ class NextItemLoss(nn.Module):
     """
 
     def __init__(self, model: TwoTower, bank, num_items: int, full: bool, freq: torch.Tensor,
-                 modality_dropout: float, autocast: bool):
+                 modality_dropout: float, autocast: bool, titles: torch.Tensor | None = None):
         super().__init__()
         self.model = model
+        self.titles = titles  # (I, H) title embeddings (user.item_titles), fixed
         self.bank = bank  # not a module: the item tower inside ``model`` encodes its inputs
         self.num_items, self.full, self.freq = num_items, full, freq
         self.modality_dropout, self.autocast = modality_dropout, autocast
@@ -145,7 +148,8 @@ class NextItemLoss(nn.Module):
                 pos_of = torch.full((self.num_items,), -1, dtype=torch.long, device=dev)
                 pos_of[needed] = torch.arange(len(needed), device=dev)
             x = emb[inputs] if pos_of is None else emb[pos_of[inputs]]  # (B, T, D)
-            states = model.user.encode_sequence(x, mask, inputs if model.user.table is not None else None)
+            states = model.user.encode_sequence(x, mask, inputs if model.user.table is not None else None,
+                                                None if self.titles is None else self.titles[inputs])
             u = states[keep].float()  # (n, D)
         scale = world / max(1, len(t_all))
         if pos_of is None:  # full softmax: every training item is a candidate
@@ -174,7 +178,8 @@ def all_gather_ids(ids: torch.Tensor) -> tuple[torch.Tensor, int]:
 class SequenceTrainer:
     """Optimizer, schedule, step function and resumable state for the item-sequence user tower."""
 
-    def __init__(self, config: Config, model: TwoTower, bank, split: Split, device, windows: Windows):
+    def __init__(self, config: Config, model: TwoTower, bank, split: Split, device, windows: Windows,
+                 titles: torch.Tensor | None = None):
         self.config, self.model, self.bank, self.split, self.device = config, model, bank, split, device
         self.windows = windows
         self.full = use_full_softmax(config, split.num_items)
@@ -182,7 +187,7 @@ class SequenceTrainer:
         freq = (freq / freq.sum().clamp(min=1)).to(device)  # how often each item is a training target
         tc = config.train
         self.objective = NextItemLoss(model, bank, split.num_items, self.full, freq, config.item.modality_dropout,
-                                      autocast=device.type == "cuda")  # bf16 on CUDA; fp32 on CPU
+                                      autocast=device.type == "cuda", titles=titles)  # bf16 on CUDA only
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.step_fn = self.objective
         if self.world > 1:
@@ -262,7 +267,7 @@ class SequenceTrainer:
 
 
 def fit_sequence(config: Config, model: TwoTower, bank, split: Split, device, progress: bool = True,
-                 resume_path: Path | None = None) -> tuple[int, list[dict]]:
+                 resume_path: Path | None = None, titles: torch.Tensor | None = None) -> tuple[int, list[dict]]:
     """Train with early stopping on validation NDCG@10; the model ends with its best epoch's weights.
 
     With ``resume_path``, the whole training state is saved there after every epoch (atomically), and
@@ -272,7 +277,7 @@ def fit_sequence(config: Config, model: TwoTower, bank, split: Split, device, pr
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     windows = training_windows(split, config.user.max_len)
-    trainer = SequenceTrainer(config, model, bank, split, device, windows)
+    trainer = SequenceTrainer(config, model, bank, split, device, windows, titles)
     logger.info("%d training windows, %s softmax, %d process(es)", len(windows),
                 "full" if trainer.full else "sampled", trainer.world)
     eval_users = list(range(split.num_users))
@@ -288,7 +293,7 @@ def fit_sequence(config: Config, model: TwoTower, bank, split: Split, device, pr
         loss = trainer.epoch(f"epoch {epoch}", progress)
         model.eval()
         with torch.no_grad():
-            valid = evaluate_sequences(model, split, bank.encode(model), "valid", eval_users)
+            valid = evaluate_sequences(model, split, bank.encode(model), "valid", eval_users, titles)
         stop = best.update(model, epoch, loss, valid, lr=trainer.scheduler.get_last_lr()[0])
         if resume_path is not None and trainer.rank == 0:
             save_resume_state(resume_path, {"trainer": trainer.state_dict(), "selection": best.state_dict()})

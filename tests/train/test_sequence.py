@@ -135,8 +135,9 @@ def test_lora_checkpoint_round_trip(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("extra", [[], ["user.input_table=both", "user.strategy=lora"],
-                                   ["train.loss=sampled", "train.num_negatives=16", "user.init=random"]],
-                         ids=["shared-full", "both-lora", "sampled-random"])
+                                   ["train.loss=sampled", "train.num_negatives=16", "user.init=random"],
+                                   ["user.item_titles=true", "user.strategy=top_k", "user.top_k=1"]],
+                         ids=["shared-full", "both-lora", "sampled-random", "titles-topk"])
 def test_served_evaluation_equals_training(tiny_catalog: Path, tmp_path: Path, extra: list[str]) -> None:
     """The served path (index vectors, Recommender, evaluate) reproduces the training loop's test metrics."""
     from index.build import build_index
@@ -151,3 +152,15 @@ def test_served_evaluation_equals_training(tiny_catalog: Path, tmp_path: Path, e
         assert served[key] == pytest.approx(result.test[key], abs=2e-4), key
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["history"] and metrics["test"]["ndcg@10"] == result.test["ndcg@10"]
+
+
+def test_item_titles_are_the_llms_own_token_embeddings() -> None:
+    model = build_towers(load_config("tiny", [*ITEMS, "user.item_titles=true"])).eval()
+    emb = model.user._token_embeddings
+    got = model.user.title_embeddings([[5, 7, 9], [11]])
+    with torch.no_grad():
+        torch.testing.assert_close(got[0], emb(torch.tensor([5, 7, 9])).mean(0))
+        torch.testing.assert_close(got[1], emb(torch.tensor([11]))[0])
+    assert not any(k.startswith("user._token") or "embed_tokens" in k for k in model.state_dict())
+    with pytest.raises(Exception, match="item_titles needs user.init=pretrained"):
+        build_towers(load_config("tiny", [*ITEMS, "user.item_titles=true", "user.init=random"]))
