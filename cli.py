@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser("train", parents=[common], help="train both towers and write a run directory")
-    s.add_argument("--config", default="offline", help="setup name (tiny, offline, hub) or a YAML/JSON file")
+    s.add_argument("--config", default="hllm", help="setup name (hllm: the default; sasrec, demo, offline, tiny, hub) or a YAML/JSON file")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. train.lr=1e-4 (repeatable)")
     s.add_argument("--catalog", required=True)

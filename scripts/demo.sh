@@ -4,6 +4,7 @@ set -euo pipefail
 PY=${PYTHON:-.venv/bin/python}
 RUNS=${RUNS:-runs}
 DATA=${TOWERREC_ML100K:-../shared/datasets/movielens-100k-mm}
+CONFIG=${DEMO_CONFIG:-demo}
 if [ ! -f "$DATA/u.data" ]; then
   echo "MovieLens-100K not found at $DATA: download ml-100k from grouplens.org (plus TMDB overviews/posters, optional) and set TOWERREC_ML100K=/path/to/it" >&2
   exit 2
@@ -11,10 +12,12 @@ fi
 start=$(date +%s)
 cli() { "$PY" cli.py "$@"; }
 cli prepare --format movielens-100k --src "$DATA" --out "$RUNS/ml100k/catalog"
-cli train --config offline --catalog "$RUNS/ml100k/catalog" --run "$RUNS/ml100k/run" ${TRAIN_ARGS:-}
-cli build-index --run "$RUNS/ml100k/run"
+cli train --config "$CONFIG" --catalog "$RUNS/ml100k/catalog" --run "$RUNS/ml100k/run" --overwrite --quiet ${TRAIN_ARGS:-}
+cli build-index --run "$RUNS/ml100k/run" --quiet
 echo "== sample user =="
 cli query --run "$RUNS/ml100k/run" --user "${DEMO_USER:-1}" -k 10 --rerank on
-echo "== evaluation (seeded sample of ${DEMO_USERS:-200} users; 'towerrec evaluate' without --users scores all) =="
-cli evaluate --run "$RUNS/ml100k/run" --users "${DEMO_USERS:-200}" --json --quiet
+echo "== retrieval, all users (full ranking, history excluded) =="
+cli evaluate --run "$RUNS/ml100k/run" --rerank off --json --quiet
+echo "== LLM rerank of the top 20, seeded sample of ${DEMO_USERS:-50} users ('evaluate' without --users scores all) =="
+cli evaluate --run "$RUNS/ml100k/run" --users "${DEMO_USERS:-50}" --json --quiet
 echo "demo wall time: $(( $(date +%s) - start ))s"

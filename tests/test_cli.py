@@ -258,7 +258,8 @@ def test_query_error_after_loading_the_towers_is_one_line(tiny_run: Path, capfd:
 def test_verbose_shows_third_party_warnings(tiny_run: Path, capfd: pytest.CaptureFixture) -> None:
     assert _run_cli(["query", "-v", "--run", str(tiny_run), "--user", "no-such-user", "--device", "cpu"]) == 2
     err = capfd.readouterr().err
-    assert "No pretrained weights loaded" in err
+    assert "INFO" in err  # -v shows the libraries' and our own progress logs
+    assert "No pretrained weights loaded" not in err  # a random init that was asked for is not worth a warning
     assert err.strip().splitlines()[-1].startswith("towerrec query: error: unknown user_id")
 
 
