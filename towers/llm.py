@@ -3,6 +3,8 @@ its weights train (frozen, top-k layers, LoRA through peft, or full)."""
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 from configs import UserTowerConfig
@@ -67,5 +69,7 @@ def apply_strategy(llm: nn.Module, cfg: UserTowerConfig) -> nn.Module:
             raise ConfigError(f"user.lora_targets: {missing} are not modules of {type(llm).__name__}")
         lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=targets, bias="none")
-        llm = get_peft_model(llm, lora)
+        with warnings.catch_warnings():  # peft asks transformers a deprecated question; not the user's concern
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            llm = get_peft_model(llm, lora)
     return llm
