@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. train.lr=1e-4 (repeatable)")
     s.add_argument("--catalog", required=True)
-    s.add_argument("--run", required=True, help="run directory to write")
+    s.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="run directory to write (--run-dir under torchrun, whose own --run-path takes --run)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     s.add_argument("--resume", action="store_true",
                    help="continue an interrupted training from its saved state (see train.resumable)")

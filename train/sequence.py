@@ -193,8 +193,9 @@ class SequenceTrainer:
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.step_fn = DistributedDataParallel(self.objective, device_ids=[device.index] if device.type == "cuda"
-                                                   else None)
+            # Modality dropout is drawn per process, so a step may leave an encoder unused on one process only.
+            self.step_fn = DistributedDataParallel(self.objective, find_unused_parameters=True,
+                                                   device_ids=[device.index] if device.type == "cuda" else None)
         llm = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("user.llm.")]
         rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("user.llm.")]
         groups = [{"params": rest, "lr": tc.lr}]

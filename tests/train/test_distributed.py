@@ -47,3 +47,19 @@ def test_two_gloo_processes_match_one(catalog: Path, tmp_path: Path, loss: str) 
     for name, grad in single_grads.items():
         torch.testing.assert_close(ranks[0]["grads"][name], grad, atol=1e-6, rtol=1e-4, msg=name)
         torch.testing.assert_close(ranks[1]["grads"][name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+def test_torchrun_cli_train_writes_one_run(catalog: Path, tmp_path: Path) -> None:
+    """`torchrun ... cli.py train --run-dir` trains on 2 gloo processes; process 0 alone writes and reports."""
+    repo = WORKER.parents[2]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
+    sets = [f"--set={o}" for o in ["user.input=items", "data.min_count=3", "train.epochs=2",
+                                   "item.text.enabled=false", "item.image.enabled=false", "item.audio.enabled=false"]]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(repo / "cli.py"),
+           "train", "--config", "tiny", *sets, "--catalog", str(catalog), "--run-dir", str(tmp_path / "run"), "--quiet"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('"best_epoch"') == 1  # one report, from process 0
+    assert (tmp_path / "run" / "towers.safetensors").is_file() and (tmp_path / "run" / "metrics.json").is_file()
+    assert not list(tmp_path.glob(".run-training-*"))  # no staging folder left by any process
