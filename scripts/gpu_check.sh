@@ -2,7 +2,7 @@
 # GPU checks on the lent device machine (Python 3.12, torch 2.11, transformers 5.17; no polars, faiss, open_clip
 # or soundfile there). Three back-to-back calls bring what is missing (64 MiB per call; all ignored by git):
 #   1. .whl1/ (polars runtime)        -> pip install --target /tmp/site
-#   2. .gpu/gemma4 (Gemma-3-270M's first 4 decoder layers, safetensors, no token embeddings) and .gpu/cache
+#   2. .gpu/gemma4 (written by scripts/gpu_export_gemma.py: Gemma-3-270M's first 4 layers) and .gpu/cache
 #      (towerrec's random tiny presets) -> /tmp
 #   3. .whl2/ (the other cp312 wheels) and .gpu/datasets (ML-100K with posters, latest-small, 4 audio clips),
 #      then this script.
