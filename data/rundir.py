@@ -62,9 +62,6 @@ class RunDir:
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
 
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
-
     # -- paths -----------------------------------------------------------------------------------------------
     @property
     def config_path(self) -> Path:

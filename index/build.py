@@ -57,7 +57,10 @@ def build_index(run_dir: str | Path, catalog_dir: str | Path | None = None, fact
     run = RunDir(run_dir).require()
     config = run.read_config()
     dev = resolve_device(device)
-    catalog = load_catalog(catalog_dir) if catalog_dir is not None else run.load_catalog()
+    if catalog_dir is not None:
+        catalog, digest = load_catalog(catalog_dir), catalog_sha256(catalog_dir)
+    else:  # hash-checked against the run's record, so that record is its hash
+        catalog, digest = run.load_catalog(), run.catalog_ref()["sha256"]
     factory = factory or config.index.factory
     empty_index(factory, config.dim, catalog.items.height)  # a bad factory fails before the embedding work
     model = load_towers(run, dev)
@@ -72,7 +75,7 @@ def build_index(run_dir: str | Path, catalog_dir: str | Path | None = None, fact
     items = catalog.items.select("item_id", "title", "text").insert_column(0, pl.Series("faiss_id", ids))
     manifest = Manifest(
         fingerprint=item_fingerprint(model), dim=config.dim, metric="ip", count=len(vectors), factory=factory,
-        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), catalog_sha256=catalog_sha256(catalog.root),
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), catalog_sha256=digest,
     )
     return write_version(run.index_root, index, items, manifest, vectors=vectors)
 

@@ -67,14 +67,20 @@ def build_towers(config: Config, num_ids: int = 0) -> TwoTower:
     return TwoTower(config, num_ids=num_ids)
 
 
+def hash_weights(module: nn.Module, h=None):
+    """Feed every entry of ``module``'s state dict (name and bytes, in name order) into a sha256; returns it."""
+    h = h or hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h
+
+
 def item_fingerprint(model: TwoTower) -> str:
     """sha256 over the item tower's config and every weight it uses (frozen backbones included)."""
     h = hashlib.sha256()
     h.update(json.dumps({"dim": model.config.dim, "item": model.config.to_dict()["item"]}, sort_keys=True).encode())
-    for name, tensor in sorted(model.item.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return hash_weights(model.item, h).hexdigest()
 
 
 def save_towers(model: TwoTower, run_dir: str | Path | RunDir, extra: dict | None = None) -> None:

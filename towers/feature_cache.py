@@ -20,17 +20,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from data.items import ItemDataset, item_loader, to_device
+from towers.factory import hash_weights
 from towers.hub import cache_dir
 
 logger = logging.getLogger(__name__)
-
-
-def _weights_hash(module: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 @torch.inference_mode()
@@ -38,7 +31,7 @@ def text_features(model, dataset: ItemDataset, device, batch_size: int = 64, pro
     """``(N, H)`` features of every item's text from the model's (frozen) text encoder, cached on disk."""
     encoder = model.item.text
     key = hashlib.sha256(json.dumps({
-        "weights": _weights_hash(encoder), "model": model.config.item.text.model,
+        "weights": hash_weights(encoder).hexdigest(), "model": model.config.item.text.model,
         "max_length": model.config.item.text.max_length, "texts": dataset.texts,
     }).encode()).hexdigest()[:32]
     path = cache_dir() / "features" / f"text-{key}.safetensors"

@@ -125,9 +125,4 @@ def title_table(model, titles: list[str]) -> torch.Tensor | None:
     return user.title_embeddings(ids)
 
 
-def gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """``x (B, T, C)`` at ``positions (B, P)`` -> ``(B, P, C)``."""
-    return torch.gather(x, 1, positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-__all__ = ["ItemSequenceUserTower", "gather_positions"]
+__all__ = ["ItemSequenceUserTower", "title_table"]

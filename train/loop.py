@@ -163,13 +163,10 @@ class ItemBank:
     def __init__(self, dataset, split_rows: np.ndarray, frozen: dict[str, torch.Tensor], device, chunk: int = 512):
         """``frozen`` holds frozen encoders' features of the training items, in split order."""
         pad = dataset.tokenizer.pad_token_id if dataset.tokenizer is not None else 0
+        # cached features (and the image mask) replace the raw inputs of frozen encoders: those are not decoded
+        dataset = dataset.without(*[m for m in ("text", "image") if f"{m}_features" in frozen])
         batch = collate_items([dataset[int(r)] for r in split_rows], pad, dataset.cfg.image.image_size)
-        batch.update(frozen)  # cached features (and the image mask) replace the raw inputs of frozen encoders
-        if "text_features" in frozen:
-            batch.pop("text_input_ids", None)
-            batch.pop("text_attention_mask", None)
-        if "image_features" in frozen:
-            batch.pop("pixels", None)
+        batch.update(frozen)
         batch.pop("row")
         self.inputs = to_device(batch, device)
         self.size, self.chunk = len(split_rows), chunk
