@@ -36,6 +36,10 @@ class ItemSequenceUserTower(nn.Module):
         if cfg.item_titles and cfg.init != "pretrained":
             raise ConfigError("user.item_titles needs user.init=pretrained (the LLM's own token embeddings)")
         llm = build_decoder(cfg, cfg.dropout)
+        # Pretrained layers were trained on token embeddings of a given scale (Gemma multiplies its by
+        # sqrt(hidden)); projected item vectors are RMS-normalised to that scale, or the first layers' outputs
+        # would drown them. A random decoder has no such expectation: its inputs are left as projected.
+        self.input_rms = token_rms(llm) if cfg.init == "pretrained" else None
         # The token embeddings (Gemma's: 168M parameters) are not part of the tower: with item_titles they stay
         # outside the module tree (frozen, never saved) to embed titles; otherwise they are dropped.
         object.__setattr__(self, "_token_embeddings", llm.embed_tokens if cfg.item_titles else None)
@@ -51,6 +55,12 @@ class ItemSequenceUserTower(nn.Module):
         self.in_proj = nn.Linear(dim, self.hidden_size)
         self.drop = nn.Dropout(cfg.dropout)
         self.head = UserHead(self.hidden_size, dim, cfg.head_hidden)
+        # Per-dimension standardisation of the LLM's states before the head, set by :meth:`calibrate`.
+        # Pretrained decoders carry a few "massive activation" dimensions (in Gemma-3's 4th layer one dimension
+        # averages ~2,000 where the median is ~2) that hold >90% of a state's energy and barely depend on the
+        # input, so a LayerNorm over raw states leaves every user almost the same vector.
+        self.register_buffer("state_mean", torch.zeros(self.hidden_size))
+        self.register_buffer("state_scale", torch.ones(self.hidden_size))
 
     def inputs(self, item_emb: torch.Tensor, id_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Input vectors ``(B, T, D)`` of history items from their item-tower embeddings and id-table rows."""
@@ -93,24 +103,55 @@ class ItemSequenceUserTower(nn.Module):
             raise ValueError(f"expected items (B, T, {self.dim}) and mask (B, T), got {tuple(item_emb.shape)}, "
                              f"{tuple(mask.shape)}")
         x = self.in_proj(self.inputs(item_emb, id_rows))  # (B, T, H)
+        if self.input_rms is not None:
+            x = x * (self.input_rms * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
         if titles is not None:
             x = x + titles.to(x.dtype)
         x = self.drop(x)
         return self.llm(inputs_embeds=x, attention_mask=mask.long(), use_cache=False).last_hidden_state
 
+    def project(self, states: torch.Tensor) -> torch.Tensor:
+        """``(..., D)`` unit user vectors from LLM states ``(..., H)``: standardised, then the head."""
+        return self.head((states - self.state_mean) / self.state_scale)
+
+    @torch.no_grad()
+    def calibrate(self, item_emb: torch.Tensor, mask: torch.Tensor, id_rows: torch.Tensor | None = None,
+                  titles: torch.Tensor | None = None) -> None:
+        """Set the state standardisation from the (untrained) tower's states over a sample of histories.
+
+        Deterministic for a given sample (dropout is off), so every DDP process computes the same statistics.
+        """
+        was_training = self.training
+        self.eval()
+        h = self.states(item_emb, mask, id_rows, titles).float()[mask.bool()]  # (n, H) real positions
+        if len(h) < 2:
+            raise ValueError(f"calibration needs at least 2 history positions, got {len(h)}")
+        sd = h.std(0)
+        self.state_mean.copy_(h.mean(0))
+        self.state_scale.copy_(sd.clamp(min=1e-3 * float(sd.mean()) + 1e-8))
+        self.train(was_training)
+
     def encode_sequence(self, item_emb: torch.Tensor, mask: torch.Tensor, id_rows: torch.Tensor | None = None,
                         titles: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, T, D)`` user embeddings after every position."""
-        return self.head(self.states(item_emb, mask, id_rows, titles))
+        return self.project(self.states(item_emb, mask, id_rows, titles))
 
     def encode_users(self, item_emb: torch.Tensor, mask: torch.Tensor, id_rows: torch.Tensor | None = None,
                      titles: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, D)`` user embeddings after each history's last item (right-padded)."""
         h = self.states(item_emb, mask, id_rows, titles)
         last = mask.long().sum(1) - 1  # (B,)
-        return self.head(h[torch.arange(h.shape[0], device=h.device), last])
+        return self.project(h[torch.arange(h.shape[0], device=h.device), last])
 
     forward = encode_users
+
+
+@torch.no_grad()
+def token_rms(llm: nn.Module) -> float:
+    """Root mean square of the LLM's input token embeddings (its scale factor included, as Gemma's is)."""
+    emb = llm.embed_tokens
+    ids = torch.arange(0, emb.num_embeddings, max(1, emb.num_embeddings // 4096))
+    return float(emb(ids).float().pow(2).mean().sqrt())
 
 
 def title_table(model, titles: list[str]) -> torch.Tensor | None:
@@ -125,4 +166,4 @@ def title_table(model, titles: list[str]) -> torch.Tensor | None:
     return user.title_embeddings(ids)
 
 
-__all__ = ["ItemSequenceUserTower", "title_table"]
+__all__ = ["ItemSequenceUserTower", "title_table", "token_rms"]

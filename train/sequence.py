@@ -278,6 +278,8 @@ def fit_sequence(config: Config, model: TwoTower, bank, split: Split, device, pr
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     windows = training_windows(split, config.user.max_len)
+    if config.user.init == "pretrained":
+        calibrate_states(model, bank, windows, device, config.train.seed, titles)
     trainer = SequenceTrainer(config, model, bank, split, device, windows, titles)
     logger.info("%d training windows, %s softmax, %d process(es)", len(windows),
                 "full" if trainer.full else "sampled", trainer.world)
@@ -302,6 +304,19 @@ def fit_sequence(config: Config, model: TwoTower, bank, split: Split, device, pr
             break
     best.restore(model)
     return best.epoch, best.history
+
+
+def calibrate_states(model: TwoTower, bank, windows: Windows, device, seed: int,
+                     titles: torch.Tensor | None = None, sample: int = 64) -> None:
+    """Standardise the untrained LLM's states (see ``ItemSequenceUserTower.calibrate``) over a seeded sample of
+    training windows: the same sample, hence the same statistics, on every process."""
+    model.eval()
+    with torch.no_grad():
+        item_emb = bank.encode(model)
+        pick = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))[:sample]
+        x, m = windows.inputs[pick].to(device), windows.mask[pick].to(device)
+        model.user.calibrate(item_emb[x], m, x if model.user.table is not None else None,
+                             None if titles is None else titles[x])
 
 
 def save_resume_state(path: Path, state: dict) -> None:

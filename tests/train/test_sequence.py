@@ -164,3 +164,43 @@ def test_item_titles_are_the_llms_own_token_embeddings() -> None:
     assert not any(k.startswith("user._token") or "embed_tokens" in k for k in model.state_dict())
     with pytest.raises(Exception, match="item_titles needs user.init=pretrained"):
         build_towers(load_config("tiny", [*ITEMS, "user.item_titles=true", "user.init=random"]))
+
+
+def test_pretrained_layers_get_inputs_at_their_token_scale_and_standardised_states(tmp_path: Path) -> None:
+    """Projected item vectors reach pretrained layers at the RMS of the LLM's own token embeddings, and
+    calibration standardises the states' dimensions; a random decoder gets neither (its inputs as projected)."""
+    torch.manual_seed(0)
+    model = build_towers(load_config("tiny", [*ITEMS, "user.dropout=0"])).eval()
+    user = model.user
+    assert user.input_rms is not None and user.input_rms > 0
+    seen = {}
+    hook = user.llm.register_forward_pre_hook(lambda m, a, kw: seen.update(x=kw["inputs_embeds"]), with_kwargs=True)
+    x = torch.randn(3, 6, model.config.dim) * 0.01  # far below the token scale
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[2, 4:] = 0
+    with torch.no_grad():
+        before = user.encode_sequence(x, mask)
+    hook.remove()
+    rms = seen["x"].pow(2).mean(-1).sqrt()
+    torch.testing.assert_close(rms, torch.full_like(rms, user.input_rms), rtol=1e-3, atol=1e-5)
+
+    user.calibrate(x, mask)
+    with torch.no_grad():
+        h = user.states(x, mask)[mask.bool()]
+    z = (h - user.state_mean) / user.state_scale
+    torch.testing.assert_close(z.mean(0), torch.zeros(z.shape[1]), atol=1e-4, rtol=0)
+    assert torch.allclose(z.std(0)[h.std(0) > 1e-3], torch.ones(()), atol=1e-3)
+    after = user.encode_sequence(x, mask)
+    assert not torch.allclose(after, before)  # the head now reads standardised states
+    assert user.training is False  # calibrate restores the mode it found
+    torch.testing.assert_close(after[mask.bool()], user.head(z))  # states -> standardise -> head
+
+    # the statistics are buffers: saved in the checkpoint and restored with it
+    state = {k: v for k, v in model.state_dict().items() if k.startswith("user.state_")}
+    assert set(state) == {"user.state_mean", "user.state_scale"}
+    fresh = build_towers(load_config("tiny", [*ITEMS, "user.dropout=0"])).eval()
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh.user.encode_sequence(x, mask), after)
+
+    rand = build_towers(load_config("tiny", [*ITEMS, "user.init=random"]))
+    assert rand.user.input_rms is None
