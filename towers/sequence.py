@@ -114,6 +114,11 @@ class ItemSequenceUserTower(nn.Module):
         """``(..., D)`` unit user vectors from LLM states ``(..., H)``: standardised, then the head."""
         return self.head((states - self.state_mean) / self.state_scale)
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether the state standardisation was set (by :meth:`calibrate`, or loaded with trained weights)."""
+        return bool(self.state_mean.any() or (self.state_scale != 1).any())
+
     @torch.no_grad()
     def calibrate(self, item_emb: torch.Tensor, mask: torch.Tensor, id_rows: torch.Tensor | None = None,
                   titles: torch.Tensor | None = None) -> None:

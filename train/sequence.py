@@ -278,7 +278,7 @@ def fit_sequence(config: Config, model: TwoTower, bank, split: Split, device, pr
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     windows = training_windows(split, config.user.max_len)
-    if config.user.init == "pretrained":
+    if config.user.init == "pretrained" and not model.user.calibrated:  # not when continuing a trained run
         calibrate_states(model, bank, windows, device, config.train.seed, titles)
     trainer = SequenceTrainer(config, model, bank, split, device, windows, titles)
     logger.info("%d training windows, %s softmax, %d process(es)", len(windows),

@@ -184,7 +184,9 @@ def test_pretrained_layers_get_inputs_at_their_token_scale_and_standardised_stat
     rms = seen["x"].pow(2).mean(-1).sqrt()
     torch.testing.assert_close(rms, torch.full_like(rms, user.input_rms), rtol=1e-3, atol=1e-5)
 
+    assert not user.calibrated
     user.calibrate(x, mask)
+    assert user.calibrated
     with torch.no_grad():
         h = user.states(x, mask)[mask.bool()]
     z = (h - user.state_mean) / user.state_scale
@@ -201,6 +203,7 @@ def test_pretrained_layers_get_inputs_at_their_token_scale_and_standardised_stat
     fresh = build_towers(load_config("tiny", [*ITEMS, "user.dropout=0"])).eval()
     fresh.load_state_dict(model.state_dict())
     torch.testing.assert_close(fresh.user.encode_sequence(x, mask), after)
+    assert fresh.user.calibrated  # so training from these weights keeps the statistics the head learned on
 
     rand = build_towers(load_config("tiny", [*ITEMS, "user.init=random"]))
     assert rand.user.input_rms is None
