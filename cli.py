@@ -1,4 +1,4 @@
-"""towerrec command line: prepare, train, build-index, query, evaluate.
+"""towerrec command line: prepare, train, build-index, reindex, train-rerank, query, evaluate, serve.
 
 Subcommands only parse arguments and call library functions. Bad input (any :class:`errors.TowerrecError`)
 ends with one line on stderr and exit code 2; anything else is a bug and keeps its traceback.
@@ -47,9 +47,16 @@ def cmd_train(args) -> None:
 
         resolve_device(args.device)  # an unknown or absent device is named as such, before any work
         overrides.append(f"train.device={args.device}")
-    config = load_config(args.config, overrides)
+    if args.resume_from is not None and args.config is None:  # re-fine-tuning: the run's own config
+        from configs import config_from_dict
+        from data.rundir import RunDir
+
+        source = RunDir(args.resume_from).require()
+        config = config_from_dict(source.read_config().to_dict(), overrides, source=str(source.config_path))
+    else:
+        config = load_config(args.config or "hllm", overrides)
     result = train(config, args.catalog, args.run, progress=not args.quiet, overwrite=args.overwrite,
-                   resume=args.resume)
+                   resume=args.resume, resume_from=args.resume_from)
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, process 0 reports
         return
     print(json.dumps({"run": str(result.run_dir), "best_epoch": result.best_epoch, "valid": result.valid,
@@ -60,36 +67,83 @@ def cmd_build_index(args) -> None:
     from index.build import build_index
 
     folder = build_index(args.run, args.catalog, args.factory, args.batch_size, args.workers, args.device,
-                         progress=not args.quiet)
-    print(f"live index: {folder}")
+                         progress=not args.quiet, keep_versions=args.keep, chunk_size=args.chunk_size)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, process 0 reports
+        print(f"live index: {folder}")
+
+
+def cmd_reindex(args) -> None:
+    from index.reindex import reindex
+
+    r = reindex(args.run, args.catalog, full=args.full, factory=args.factory, chunk_size=args.chunk_size,
+                keep_versions=args.keep, batch_size=args.batch_size, num_workers=args.workers, device=args.device,
+                progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, process 0 reports
+        return
+    if args.json:
+        print(json.dumps({k: (str(v) if k == "version" else v) for k, v in r.__dict__.items()}))
+        return
+    print(f"live index: {r.version} ({r.mode}: {r.embedded} embedded, {r.copied} copied; {r.added} added, "
+          f"{r.edited} edited, {r.removed} removed, {r.retired} retired; {r.resumed_chunks} of {r.chunks} "
+          f"chunk(s) resumed; {r.seconds:.1f} s)")
+
+
+def _id_arg(value: str | None, flag: str) -> list[str] | None:
+    """Comma-separated item ids of a flag (``None`` when the flag is absent)."""
+    if value is None:
+        return None
+    ids = [v.strip() for v in value.split(",") if v.strip()]
+    if not ids:
+        raise QueryError(f"{flag} is empty: give comma-separated item ids")
+    return ids
 
 
 def cmd_query(args) -> None:
-    from index.recommender import Recommender
+    from index.recommender import MAX_K, Recommender
 
     history = None
     if args.history is not None:
         history = [h.strip() for h in args.history.split(",") if h.strip()]
         if not history:
             raise QueryError("--history is empty: give comma-separated item ids, oldest first")
-    if args.k < 1:
-        raise QueryError(f"-k must be at least 1, got {args.k}")
+    if not 1 <= args.k <= MAX_K:
+        raise QueryError(f"--k must be from 1 to {MAX_K}, got {args.k}")
+    allow, deny = _id_arg(args.allow, "--allow"), _id_arg(args.deny, "--deny")
     rec = Recommender.load(args.run, device=args.device)
+    if args.nprobe is not None or args.ef_search is not None:
+        rec.set_search_params(nprobe=args.nprobe, ef_search=args.ef_search)
     results = rec.recommend(user_id=args.user, history=history, k=args.k,
-                            rerank=None if args.rerank is None else args.rerank == "on")
+                            rerank=None if args.rerank is None else args.rerank == "on",
+                            allow=allow, deny=deny, where=args.where)
     hist = history if history is not None else rec.history_of(args.user)
+    reasons = rec.explain(hist, list(results)) if args.explain else [None] * len(results)
     if args.json:
-        print(json.dumps([r.__dict__ for r in results], default=str))
+        items = [r.__dict__ if x is None else {**r.__dict__, "reason": str(x), "reason_source": x.source}
+                 for r, x in zip(results, reasons)]
+        print(json.dumps({"version": results.version, "latency_ms": round(results.latency_ms, 3),
+                          "items": items}, default=str))
         return
     shown = hist[-10:]
     what = f"{len(hist)} items" if len(shown) == len(hist) else f"last {len(shown)} of {len(hist)} items"
     print(f"history ({what}, most recent last):")
     for item_id, row in zip(shown, rec._rows(shown)):
         print(f"  {item_id}: {rec.titles[row]}")
-    print(f"top-{args.k}:")
+    print(f"top-{args.k}:" + (f" ({len(results)} items pass the filters)" if len(results) < args.k else ""))
     for i, r in enumerate(results, 1):
         extra = f"  llm {r.rerank_score:+.3f}" if r.rerank_score is not None else ""
         print(f"  {i:2d}. {r.item_id}: {r.title}  (score {r.score:.3f}, retrieval {r.retrieval_score:.3f}{extra})")
+        if reasons[i - 1] is not None:
+            print(f"      {reasons[i - 1]}")
+    print(f"index version {results.version}, query {results.latency_ms:.1f} ms")
+
+
+def cmd_train_rerank(args) -> None:
+    from train.rerank import train_reranker
+
+    r = train_reranker(args.run, mode=args.mode, overrides=args.set, catalog_dir=args.catalog, device=args.device,
+                       progress=not args.quiet)
+    print(json.dumps({"run": str(r.run_dir), "mode": r.mode, "weight": r.weight, "best_step": r.best_step,
+                      "steps": r.steps, "seconds": round(r.seconds, 1), "valid": r.valid}, indent=2))
 
 
 def cmd_evaluate(args) -> None:
@@ -100,6 +154,14 @@ def cmd_evaluate(args) -> None:
     out = evaluate(args.run, users=args.users, seed=args.seed, rerank=args.rerank == "on",
                    progress=not args.quiet, catalog_dir=args.catalog)
     print(json.dumps(out, indent=None if args.json else 2))
+
+
+def cmd_serve(args) -> None:
+    from serve.api import serve
+
+    serve(args.run, host=args.host, port=args.port, device=args.device, catalog_dir=args.catalog,
+          poll_s=args.poll, access_log=getattr(args, "verbose", False),
+          on_ready=lambda url: print(f"serving {args.run} on {url} (Ctrl-C stops)", flush=True))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser("train", parents=[common], help="train both towers and write a run directory")
-    s.add_argument("--config", default="hllm", help="setup name (hllm: the default; sasrec, demo, offline, tiny, hub) or a YAML/JSON file")
+    s.add_argument("--config", help="setup name (hllm: the default; sasrec, demo, offline, tiny, hub) or a YAML/JSON "
+                                    "file (default with --resume-from: that run's config)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. train.lr=1e-4 (repeatable)")
     s.add_argument("--catalog", required=True)
@@ -138,31 +201,63 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     s.add_argument("--resume", action="store_true",
                    help="continue an interrupted training from its saved state (see train.resumable)")
+    s.add_argument("--resume-from", metavar="RUN",
+                   help="start from a trained run's weights (re-fine-tuning on a newer catalog; its id vectors "
+                        "are kept by item id, new items start fresh); then `reindex` the new run")
     s.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the config's train.device)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("build-index", parents=[common],
-                       help="embed the catalog and write a new live FAISS index version")
-    s.add_argument("--run", required=True)
+                       help="embed the whole catalog and write a new live FAISS index version")
+    s.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory (--run-dir under torchrun)")
     s.add_argument("--catalog", help="catalog to index (default: the one the run was trained on)")
     s.add_argument("--factory", help="FAISS index_factory string (default: the config's index.factory)")
-    s.add_argument("--batch-size", type=int)
-    s.add_argument("--workers", type=int, default=0, help="DataLoader workers for decoding media")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--quiet", action="store_true")
+    _index_work_args(s)
     s.set_defaults(func=cmd_build_index)
+
+    s = sub.add_parser("reindex", parents=[common],
+                       help="bring the index up to date: embed only new and changed items (all of them when the "
+                            "item tower changed), resumable, then publish a new live version")
+    s.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory (--run-dir under torchrun)")
+    s.add_argument("--catalog", help="catalog to serve (default: the one the run was trained on)")
+    s.add_argument("--factory", help="FAISS index_factory string (default: the live version's, else the config's)")
+    s.add_argument("--full", action="store_true", help="embed every item again, even unchanged ones")
+    s.add_argument("--json", action="store_true", help="print the result as one line of JSON")
+    _index_work_args(s)
+    s.set_defaults(func=cmd_reindex)
 
     s = sub.add_parser("query", parents=[common], help="top-k for a known user or a given history")
     s.add_argument("--run", required=True)
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--user", help="a user id from the training data")
     g.add_argument("--history", help="comma-separated item ids, oldest first (a new user)")
-    s.add_argument("-k", type=int, default=10)
+    s.add_argument("-k", "--k", type=int, default=10, help="items to return, 1 to 1000 (default 10)")
     s.add_argument("--rerank", choices=["on", "off"], help="default: the config's rerank.enabled")
+    s.add_argument("--allow", metavar="IDS", help="comma-separated item ids: recommend only among these")
+    s.add_argument("--deny", metavar="IDS", help="comma-separated item ids never to recommend")
+    s.add_argument("--where", metavar="CONDITION",
+                   help="SQL condition on the index's item columns, e.g. \"year > 1990\" or \"title LIKE '%%(1995)'\"")
+    s.add_argument("--nprobe", type=int, help="IVF lists to probe (default: the index's auto-tuned value)")
+    s.add_argument("--ef-search", type=int, help="HNSW efSearch (default: the index's auto-tuned value)")
     s.add_argument("--device", default="auto")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true",
+                   help="one line of JSON: {version, latency_ms, items: [{item_id, title, score, ...}]}")
+    s.add_argument("--explain", action="store_true",
+                   help="one short reason per item, citing items of the user's history (written by the LLM, or a "
+                        "template citing the most similar history items when the LLM names anything else)")
     s.set_defaults(func=cmd_query)
+
+    s = sub.add_parser("train-rerank", parents=[common],
+                       help="fine-tune the LLM reranker of a trained run with LoRA (saved into RUN/rerank/)")
+    s.add_argument("--run", required=True, help="a trained run with a built index (its retriever gives candidates)")
+    s.add_argument("--mode", choices=["listwise", "pointwise"], help="default: the run's rerank.mode")
+    s.add_argument("--set", action="append", default=[], metavar="rerank.FIELD=VALUE",
+                   help="override a rerank setting, e.g. rerank.train_users=300 or rerank.max_minutes=30 (repeatable)")
+    s.add_argument("--catalog", help="the training catalog's new location, if it moved (content must match)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_train_rerank)
 
     s = sub.add_parser("evaluate", parents=[common], help="Recall/NDCG/MRR@5/10/20 under the leave-one-out protocol")
     s.add_argument("--run", required=True)
@@ -173,11 +268,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="one-line JSON")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("serve", parents=[common], help="HTTP API and a page over the live index (hot reload)")
+    s.add_argument("--run", required=True)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--catalog", help="catalog whose posters the page shows (default: the run's)")
+    s.add_argument("--poll", type=float, default=1.0, metavar="SECONDS",
+                   help="how often index/LIVE is checked for a new version (0: never reload)")
+    s.set_defaults(func=cmd_serve)
     return p
 
 
+def _index_work_args(s: argparse.ArgumentParser) -> None:
+    """Options shared by build-index and reindex."""
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--workers", type=int, default=0, help="DataLoader workers for decoding media")
+    s.add_argument("--chunk-size", type=int, default=1024,
+                   help="items per resumable chunk (a killed run resumes after the last finished chunk)")
+    s.add_argument("--keep", type=int, default=3, help="index versions to keep (the live one is never deleted)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--quiet", action="store_true")
+
+
 # towerrec's own loggers (``logging.getLogger(__name__)`` in these packages).
-OWN_LOGGERS = ("cli", "configs", "data", "index", "towers", "train", "__main__")
+OWN_LOGGERS = ("cli", "configs", "data", "index", "serve", "towers", "train", "__main__")
 
 
 def _own_or_error(record: logging.LogRecord) -> bool:

@@ -198,13 +198,53 @@ class UserTowerConfig(_Checked):
     gradient_checkpointing: bool = False  # recompute LLM activations in backward (less memory, more compute)
 
 
+RerankMode = Literal["listwise", "pointwise"]
+
+LETTER_LABELS = 26  # listwise candidates are labelled (A) to (Z)
+
+
 @dataclass(frozen=True)
 class RerankConfig(_Checked):
     enabled: bool = True
     model: str = ""  # decoder LLM for reranking; "" = the user tower's LLM
-    candidates: int = _bounded(20, ge=1)  # retrieved candidates handed to the reranker
-    weight: float = _bounded(1.0, ge=0)  # score = retrieval_z + weight * llm_z (z-scored within each user's candidates)
-    batch_size: int = _bounded(20, ge=1)  # candidate prompts per forward pass
+    # "listwise": LlamaRec's verbalizer, the candidates lettered (A), (B), ... in one prompt, scored by the logits of
+    # their letters at the answer position (one pass per user); "pointwise": yes/no log-odds of one question per
+    # candidate after the history, whose KV cache all candidates share
+    mode: RerankMode = "pointwise"
+    candidates: int = _bounded(20, ge=1)  # depth: the retrieved top-N handed to the reranker (listwise: at most 26)
+    weight: float = _bounded(1.0, ge=0)  # score = retrieval_z + weight * llm_z (z-scored within each user's candidates);
+    #                                      a fine-tuned adapter brings its own weight, tuned on validation users
+    batch_size: int = _bounded(20, ge=1)  # prompts per forward pass: candidate questions (pointwise), user prompts
+    #                                       times permutations (listwise), reasons (explanations)
+    history_tokens: int = _bounded(0, ge=0)  # prompt token budget of the history (titles, most recent kept);
+    #                                          0 = data.profile_token_budget (the user tower's profile prompt)
+    title_tokens: int = _bounded(16, ge=1)  # listwise: tokens of each candidate's title at most
+    permutations: int = _bounded(1, ge=1)  # listwise: average the letter logits over this many candidate orders (the
+    #                                        retrieval order first, then seeded shuffles) against position bias
+    seed: int = _bounded(0, ge=0)  # seed of the permutations and of fine-tuning
+    # LoRA fine-tuning (`towerrec train-rerank`): adapters on lora_targets of the top lora_layers decoder layers
+    lora_rank: int = _bounded(8, ge=1)
+    lora_alpha: float = _bounded(16.0, gt=0)
+    lora_dropout: float = _bounded(0.05, ge=0, lt=1)
+    lora_targets: str = _checked("q_proj,k_proj,v_proj,o_proj", _not_empty)  # comma-separated module names
+    lora_layers: int = _bounded(0, ge=0)  # adapters on the top this-many layers only (0 = all); the frozen layers
+    #                                       below run without gradients, which makes a step cheaper
+    train_users: int = _bounded(0, ge=0)  # seeded sample of training users to fine-tune on (0 = all)
+    eval_users: int = _bounded(200, ge=0)  # seeded sample of validation users for early stopping and the weight (0 = all)
+    epochs: int = _bounded(2, ge=1)
+    train_batch: int = _bounded(4, ge=1)  # training users per optimizer step
+    lr: float = _bounded(2e-4, gt=0)
+    eval_every: int = _bounded(0, ge=0)  # optimizer steps between validations (0 = once per epoch)
+    patience: int = _bounded(2, ge=0)  # validations without improvement of validation NDCG@10 before stopping
+    negatives: int = _bounded(4, ge=1)  # pointwise training: hard negatives (from the retriever's top-N) per user
+    max_minutes: float = _bounded(0.0, ge=0)  # fine-tuning time cap in minutes (0 = none); validation still runs
+    explain_tokens: int = _bounded(24, ge=4)  # personalised reasons: generated tokens at most
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mode == "listwise" and self.candidates > LETTER_LABELS:
+            raise FieldError("candidates", f"listwise mode labels candidates (A) to (Z): at most {LETTER_LABELS}, "
+                                           f"got {self.candidates}")
 
 
 @dataclass(frozen=True)
@@ -238,6 +278,10 @@ class IndexConfig(_Checked):
     factory: str = _checked("Flat", _not_empty)  # FAISS index_factory string, e.g. "Flat", "HNSW32", "IVF256,Flat"
     nprobe: int = _bounded(16, ge=1)  # IVF probes at query time
     ef_search: int = _bounded(64, ge=1)  # HNSW efSearch at query time
+    # nprobe / efSearch are chosen on an index's first load (and recorded in its search.json) as the cheapest
+    # reaching this recall@10 against exact search on held-out item queries; 0 = use the two values above
+    target_recall: float = _checked(0.95, lambda v: None if isinstance(v, (int, float)) and not isinstance(v, bool)
+                                    and 0 <= v <= 1 else f"must be a number from 0 to 1, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -385,5 +429,5 @@ def load_config(name_or_path: str | Path, overrides: list[str] | tuple[str, ...]
 __all__ = [
     "Config", "ConfigError", "FieldError", "DataConfig", "TextEncoderConfig", "ImageEncoderConfig",
     "AudioEncoderConfig", "ItemTowerConfig", "UserTowerConfig", "RerankConfig", "TrainConfig", "IndexConfig",
-    "TieBreak", "Pooling", "Negatives", "AudioArch", "Fusion", "load_config", "config_from_dict",
+    "TieBreak", "Pooling", "RerankMode", "Negatives", "AudioArch", "Fusion", "load_config", "config_from_dict",
 ]

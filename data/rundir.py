@@ -10,10 +10,15 @@
         catalog_ref.json        path and sha256 of the catalog the run was trained on
         histories.parquet       each training user's history (user_id, position, item_id), test item held out
         id_table.parquet        item ids of the item tower's id-vector rows, in row order
+        rerank/                 fine-tuned LLM reranker (`towerrec train-rerank`), one per mode: <mode>.safetensors
+                                (LoRA adapter weights) and <mode>.json (its settings, fusion weight, validation)
         index/
             LIVE                name of the version being served
-            <version>/          index.faiss, items.parquet (faiss_id -> item_id, title), vectors.npy (the item
-                                embeddings, read by an item-sequence user tower), manifest.json
+            <version>/          index.faiss, items.parquet (faiss_id -> item_id, title, content hash, searchable),
+                                vectors.npy (the item embeddings, read by an item-sequence user tower and by
+                                reindex), embeddings/part-*.parquet (the export format), manifest.json
+            .reindex-<plan>/    a reindex in progress: plan.json and its finished chunks (chunk-*.parquet),
+                                removed once the new version is live
 
 Training writes a new run into a temporary sibling folder and publishes it whole at the end, so an
 interrupted run never leaves a half-written run directory (nor destroys the previous one).
@@ -48,13 +53,19 @@ class RunDir:
     CATALOG_REF = "catalog_ref.json"
     HISTORIES = "histories.parquet"
     ID_TABLE = "id_table.parquet"
+    RERANK = "rerank"  # folder of fine-tuned reranker adapters: <mode>.safetensors + <mode>.json
     INDEX = "index"
     # Inside index/: the live pointer, and the files of one version folder.
     LIVE = "LIVE"
     INDEX_FILE = "index.faiss"
     INDEX_ITEMS = "items.parquet"
     INDEX_VECTORS = "vectors.npy"  # (N, D) float32 item embeddings, index-table order (item-sequence user input)
+    INDEX_EMBEDDINGS = "embeddings"  # folder of Parquet parts: the export format (item_id, vector, fingerprint, ...)
     MANIFEST = "manifest.json"
+    # Inside index/: the work folder of a reindex in progress (one per plan), its plan and its chunks.
+    REINDEX_WORK = ".reindex-"
+    REINDEX_PLAN = "plan.json"
+    REINDEX_CHUNK = "chunk-{:06d}.parquet"
 
     def __init__(self, path: str | Path):
         self.path = Path(path)

@@ -1,23 +1,19 @@
-"""Embed a catalog with a run's item tower and write a new FAISS index version."""
+"""Embed a catalog with a run's item tower and write a new FAISS index version (a full :mod:`index.reindex`)."""
 
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from data.catalog import Catalog, catalog_sha256, load_catalog
-from data.ids import ItemSpace, faiss_ids
+from data.catalog import Catalog
 from data.items import item_loader, to_device
 from data.rundir import RunDir
-from index.store import Manifest, build_faiss, empty_index, write_version
-from towers.device import resolve_device
-from towers.factory import TwoTower, item_fingerprint, load_towers, make_item_dataset
+from index.reindex import CHUNK_SIZE, KEEP_VERSIONS, reindex
+from towers.factory import TwoTower, make_item_dataset
 from towers.feature_cache import text_encoder_is_cacheable, text_features
 
 logger = logging.getLogger(__name__)
@@ -48,34 +44,16 @@ def embed_items(model: TwoTower, catalog: Catalog, id_rows: np.ndarray, device, 
 
 def build_index(run_dir: str | Path, catalog_dir: str | Path | None = None, factory: str | None = None,
                 batch_size: int | None = None, num_workers: int = 0, device: str = "auto",
-                progress: bool = True) -> Path:
+                progress: bool = True, keep_versions: int = KEEP_VERSIONS, chunk_size: int = CHUNK_SIZE) -> Path:
     """Embed every item of the catalog (default: the run's, hash-checked) and write a new live index version.
 
     Items that were not in training get no id vector (cold start) and are embedded from their content.
-    Returns the new version folder.
+    Items of the run's training catalog that are not in ``catalog_dir`` stay as retired rows (never
+    recommended; a history holding them still embeds). The work is chunked and resumable, and older versions
+    are pruned: see :func:`index.reindex.reindex`, which this calls with ``full=True`` (``reindex`` embeds only
+    what changed). Returns the new version folder.
     """
-    run = RunDir(run_dir).require()
-    config = run.read_config()
-    dev = resolve_device(device)
-    if catalog_dir is not None:
-        catalog, digest = load_catalog(catalog_dir), catalog_sha256(catalog_dir)
-    else:  # hash-checked against the run's record, so that record is its hash
-        catalog, digest = run.load_catalog(), run.catalog_ref()["sha256"]
-    factory = factory or config.index.factory
-    empty_index(factory, config.dim, catalog.items.height)  # a bad factory fails before the embedding work
-    model = load_towers(run, dev)
-    catalog_items = ItemSpace(catalog.items["item_id"].to_list(), "catalog")
-    id_rows = catalog_items.to(run.read_id_table())
-    t0 = time.time()
-    vectors = embed_items(model, catalog, id_rows, dev, batch_size or config.item.text.batch_size,
-                          num_workers, progress)
-    logger.info("embedded %d items in %.1fs", len(vectors), time.time() - t0)
-    ids = faiss_ids(catalog.items["item_id"])
-    index = build_faiss(vectors, ids, factory, config.index.nprobe, config.index.ef_search)
-    items = catalog.items.select("item_id", "title", "text").insert_column(0, pl.Series("faiss_id", ids))
-    manifest = Manifest(
-        fingerprint=item_fingerprint(model), dim=config.dim, metric="ip", count=len(vectors), factory=factory,
-        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), catalog_sha256=digest,
-    )
-    return write_version(run.index_root, index, items, manifest, vectors=vectors)
-
+    config = RunDir(run_dir).require().read_config()
+    return reindex(run_dir, catalog_dir, full=True, factory=factory or config.index.factory, chunk_size=chunk_size,
+                   keep_versions=keep_versions, batch_size=batch_size, num_workers=num_workers, device=device,
+                   progress=progress).version

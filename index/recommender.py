@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import numbers
+import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,8 @@ from data.ids import ItemSpace
 from data.items import pad_batch
 from data.profiles import profile_builder
 from data.rundir import RunDir
-from errors import QueryError
+from errors import IndexStateError, QueryError
+from index import ann
 from index.store import live_version, read_vectors, read_version
 from towers.device import resolve_device
 from towers.factory import TwoTower, item_fingerprint, load_towers
@@ -40,12 +43,48 @@ class Recommendation:
     rerank_score: float | None = None  # LLM yes/no log-odds, when reranked
 
 
+MAX_K = 1000  # the most items one query returns
+
+
+class Results(list):
+    """One query's answer: a ``list`` of :class:`Recommendation` (best first), so code written for the plain
+    list keeps working, plus where and how fast it was answered.
+
+    Attributes:
+        version: name of the index version that answered (a folder under ``<run>/index/``).
+        latency_ms: wall time of the call, from arguments to answer (for a batch: the whole batch's).
+    """
+
+    def __init__(self, items: Iterable[Recommendation] = (), version: str = "", latency_ms: float = 0.0):
+        super().__init__(items)
+        self.version = version
+        self.latency_ms = latency_ms
+
+    @property
+    def items(self) -> list[Recommendation]:
+        """The recommendations as a plain list."""
+        return list(self)
+
+    def __repr__(self) -> str:
+        return f"Results(version={self.version!r}, latency_ms={self.latency_ms:.3f}, items={list.__repr__(self)})"
+
+
+@dataclass(frozen=True)
+class Hits:
+    """Retrieval for a batch of query vectors (:meth:`Recommender.search_vectors`), as arrays."""
+
+    rows: np.ndarray  # (B, k) int64 items-table rows, best first; -1 past the end of a short list
+    scores: np.ndarray  # (B, k) float32 inner products (cosine); -inf past the end
+    version: str  # the index version that answered
+    latency_ms: float  # wall time of the call
+
+
 class Recommender:
     """Serves top-k recommendations from a run directory's live index."""
 
     def __init__(self, run_dir: Path, model: TwoTower, index: faiss.Index, items: pl.DataFrame,
                  histories: dict, device: torch.device, version: Path, vectors: np.ndarray | None = None,
-                 id_table: ItemSpace | None = None):
+                 id_table: ItemSpace | None = None, search_device: str = "cpu"):
         self.run_dir, self.model, self.index, self.items, self.device = run_dir, model, index, items, device
         self.version = version
         self.config = model.config
@@ -64,10 +103,18 @@ class Recommender:
         self.vectors = vectors
         self.id_rows = self.index_items.to(id_table) if id_table is not None else None
         self.title_vectors = title_table(model, self.titles) if vectors is not None else None  # (N, H) or None
+        self._lock = threading.Lock()
+        self._init_search(search_device)
 
     @classmethod
-    def load(cls, run_dir: str | Path, device: str = "auto", version: str | None = None) -> Recommender:
+    def load(cls, run_dir: str | Path, device: str = "auto", version: str | None = None,
+             search_device: str | None = None) -> Recommender:
         """Load towers, the live (or named) index version and the users' histories from ``run_dir``.
+
+        ``search_device``: ``"cpu"`` (faiss) or ``"gpu"`` (faiss's GPU index where faiss sees GPUs, else exact
+        search in torch on CUDA; never the CPU); default: ``"gpu"`` when the towers run on CUDA, else ``"cpu"``.
+        The log (INFO) says which path runs. An approximate index searches with the parameters auto-tuned for
+        ``index.target_recall`` (recorded in the version's ``search.json``; tuned on first load if absent).
 
         The run is self-contained: the training catalog is not read. Where it is still at its recorded path
         but its content changed since training, a warning says so (the served histories are the ones the run
@@ -85,16 +132,46 @@ class Recommender:
         if run.catalog_changed():
             logger.warning("the catalog %s changed since run %s was trained; serving the run's own histories "
                            "(retrain to learn from the new data)", run.catalog_ref()["path"], run.path)
-        return cls(run.path, model, index, items, run.read_histories(), dev, folder, vectors, id_table)
+        search_device = search_device or ("gpu" if dev.type == "cuda" else "cpu")
+        return cls(run.path, model, index, items, run.read_histories(), dev, folder, vectors, id_table,
+                   search_device)
 
     @property
     def reranker(self):
+        """The LLM reranker in the mode of ``rerank.mode``, loaded on first use: with the run's fine-tuned adapter
+        for that mode (``towerrec train-rerank``, and the fusion weight tuned with it) when there is one, else
+        zero-shot. Its ``history`` builds the history prompt it reads."""
         if self._reranker is None:
-            from towers.rerank import LLMReranker
-
-            ref = self.config.rerank.model or self.config.user.model
-            self._reranker = LLMReranker(self.config.rerank, ref, self.tokenizer).to(self.device)
+            self._reranker = self.build_reranker()
         return self._reranker
+
+    def build_reranker(self, adapter: bool = True):
+        """A new :class:`towers.rerank.LLMReranker` as configured, with the run's adapter for its mode when
+        ``adapter`` and there is one, and its ``history`` prompt builder attached."""
+        from towers.rerank import LLMReranker, history_builder
+
+        cfg = self.config.rerank
+        ref = cfg.model or self.config.user.model
+        rr = LLMReranker(cfg, ref, self.tokenizer if ref == self.config.user.model else None)
+        if adapter:
+            rr.load_adapter(self.run_dir)  # the adapter's own prompt settings replace rr.cfg's
+        same = rr.cfg.history_tokens == 0 and rr.tokenizer is self.tokenizer
+        rr.history = self.builder if same else history_builder(
+            self.config.data, rr.cfg, self.titles, self.items["text"].to_list(), rr.tokenizer)
+        return rr.to(self.device)
+
+    def configure_rerank(self, **changes) -> None:
+        """Change ``rerank`` settings for this recommender, e.g. ``configure_rerank(mode="listwise")``.
+
+        The values are checked like a config file's (a bad one is a :class:`ConfigError` naming the field); the
+        reranker reloads on next use, with the run's adapter for the new mode if it has one.
+        """
+        from configs import config_from_dict
+
+        tree = self.config.to_dict()
+        tree["rerank"].update(changes)
+        self.config = config_from_dict(tree)
+        self._reranker = None
 
     # -- id handling ---------------------------------------------------------------------------------------
     def _key(self, item_id, where: str = ""):
@@ -176,33 +253,43 @@ class Recommender:
         return np.concatenate(out)
 
     def recommend(self, user_id=None, history: Sequence | None = None, k: int = 10, rerank: bool | None = None,
-                  exclude_seen: bool = True, allowed: Iterable | None = None,
-                  exclude: Iterable | None = None) -> list[Recommendation]:
+                  exclude: Iterable | None = None, allow: Iterable | None = None, deny: Iterable | None = None,
+                  where: str | pl.Expr | None = None) -> Results:
         """Top-``k`` for a known user (``user_id``) or a new one (``history``: a list of item ids, oldest first).
 
-        Items in the history are excluded unless ``exclude_seen=False``; ``exclude`` removes further item ids.
-        ``allowed`` restricts results to the given item ids. ``rerank`` defaults to the config's
-        ``rerank.enabled``.
+        Args:
+            k: 1 to 1,000 items.
+            rerank: rerank the retrieved candidates with the LLM (default: the config's ``rerank.enabled``).
+            exclude: item ids to leave out besides the history (which is always left out).
+            allow: only these item ids may be recommended.
+            deny: these item ids are never recommended.
+            where: a condition on the items table's columns, as a polars expression (``pl.col("year") > 1990``)
+                or SQL text (``"year > 1990 AND genres LIKE '%Drama%'"``); items where it is null do not pass.
+
+        Returns a :class:`Results`: a list of :class:`Recommendation` (best first; fewer than ``k`` only when
+        fewer items pass the filters) that also carries ``.version`` and ``.latency_ms``.
         """
+        started = time.perf_counter()
         if user_id is None and history is None:
             raise QueryError("give a user_id (a known user) or a history (item ids, oldest first)")
         if user_id is not None and history is not None:
             raise QueryError("give either user_id or history, not both")
-        return self.recommend_batch(
-            user_ids=None if user_id is None else [user_id], histories=None if history is None else [history],
-            k=k, rerank=rerank, exclude_seen=exclude_seen, allowed=allowed,
-            exclude=None if exclude is None else [exclude],
-        )[0]
+        return self._recommend(None if user_id is None else [user_id], None if history is None else [history],
+                               k, rerank, None if exclude is None else [exclude], allow, deny, where, started)[0]
 
     def recommend_batch(self, user_ids: Sequence | None = None, histories: Sequence[Sequence] | None = None,
-                        k: int = 10, rerank: bool | None = None, exclude_seen: bool = True,
-                        allowed: Iterable | None = None,
-                        exclude: Sequence[Iterable] | None = None) -> list[list[Recommendation]]:
-        """Batch form of :meth:`recommend`: one result list per user or history (``exclude``: one per user)."""
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-            raise QueryError(f"k must be an integer, got {type(k).__name__} {k!r}")
-        if k < 1:
-            raise QueryError(f"k must be at least 1, got {k}")
+                        k: int = 10, rerank: bool | None = None, allow: Iterable | None = None,
+                        deny: Iterable | None = None, where: str | pl.Expr | None = None) -> list[Results]:
+        """:meth:`recommend` for many users or histories at once (one retrieval, one :class:`Results` each).
+
+        ``allow``, ``deny`` and ``where`` apply to every query. Each result's ``latency_ms`` is the whole
+        batch's: that is how long each of its queries waited.
+        """
+        return self._recommend(user_ids, histories, k, rerank, None, allow, deny, where, time.perf_counter())
+
+    def _recommend(self, user_ids, histories, k, rerank, exclude, allow, deny, where, started: float) -> list[Results]:
+        """Shared body of :meth:`recommend` and :meth:`recommend_batch` (``exclude``: one list per query)."""
+        _check_k(k)
         if (user_ids is None) == (histories is None):
             raise QueryError("give exactly one of user_ids or histories")
         if histories is None:
@@ -216,57 +303,332 @@ class Recommender:
             if not histories:
                 raise QueryError("histories is empty: give at least one history")
             histories = [_id_list(h, "history") for h in histories]
-        if exclude is not None and len(exclude) != len(histories):
-            raise QueryError(f"exclude has {len(exclude)} entries for {len(histories)} users")
         rerank = self.config.rerank.enabled if rerank is None else bool(rerank)
+        keep = self._keep(allow, deny, where)  # filters are checked before the (slower) user tower runs
+        excluded = [self._rows(h, "history") for h in histories]
+        if exclude is not None:
+            excluded = [rows + self._rows(ex, "exclude") for rows, ex in zip(excluded, exclude)]
         users = self.embed_histories(histories)
         n_cand = max(k, self.config.rerank.candidates) if rerank else k
-        seen = [set(self._rows(h)) if exclude_seen else set() for h in histories]
+        hits = self._retrieve(users, n_cand, excluded, keep, self.knobs)
+        lists = self._lists(hits)
+        if rerank:
+            lists = self.rerank_batch(histories, lists, k)
+        latency = (time.perf_counter() - started) * 1e3
+        return [Results(recs[:k], self.version.name, latency) for recs in lists]
+
+    def similar(self, item_id, k: int = 10, allow: Iterable | None = None, deny: Iterable | None = None,
+                where: str | pl.Expr | None = None) -> Results:
+        """Items like ``item_id``: the nearest items to its item-tower vector (the item itself left out).
+
+        Filters and the result type are those of :meth:`recommend`; ``score`` is the cosine similarity.
+        """
+        started = time.perf_counter()
+        _check_k(k)
+        row = self._rows([item_id], "item_id")[0]
+        keep = self._keep(allow, deny, where)
+        hits = self._retrieve(self._vector(row)[None], k, [[row]], keep, self.knobs)
+        return Results(self._lists(hits)[0], self.version.name, (time.perf_counter() - started) * 1e3)
+
+    def search_vectors(self, vectors: np.ndarray, k: int = 10, exclude: Sequence[Iterable] | None = None,
+                       allow: Iterable | None = None, deny: Iterable | None = None,
+                       where: str | pl.Expr | None = None, nprobe: int | None = None,
+                       ef_search: int | None = None) -> Hits:
+        """Retrieval alone, for query vectors already embedded (``(B, D)`` float32, e.g. from
+        :meth:`embed_histories`): the filtered top-``k`` as arrays of index-table rows and scores.
+
+        ``exclude`` holds one list of item ids per query; ``allow``, ``deny`` and ``where`` are as in
+        :meth:`recommend`; ``nprobe`` / ``ef_search`` override the index's search parameters for this call.
+        Nothing is excluded unless asked (no history here).
+        """
+        started = time.perf_counter()
+        _check_k(k)
+        q = np.asarray(vectors, dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != self.index.d:
+            raise QueryError(f"vectors must have shape (B, {self.index.d}), got {q.shape}")
+        if not np.isfinite(q).all():
+            raise QueryError("vectors contain NaN or inf")
         if exclude is not None:
-            seen = [s | set(self._rows(ex, "exclude")) for s, ex in zip(seen, exclude)]
-        candidates = self._search(users, n_cand, seen, allowed)
-        results = []
-        for h, (rows, scores) in zip(histories, candidates):
-            recs = [Recommendation(self.item_ids[r], self.titles[r], float(s), float(s)) for r, s in zip(rows, scores)]
-            results.append(self.rerank(h, recs, k) if rerank else recs[:k])
-        return results
+            if isinstance(exclude, (str, bytes)) or len(exclude) != len(q):
+                raise QueryError(f"exclude needs one list of item ids per query ({len(q)})")
+            exclude = [self._rows(ex, "exclude") for ex in exclude]
+        keep = self._keep(allow, deny, where)
+        knobs = self.knobs
+        if nprobe is not None or ef_search is not None:
+            knobs = {**knobs, **ann.check_knobs(self.index, {"nprobe": nprobe, "ef_search": ef_search})}
+        hits = self._retrieve(q, k, exclude, keep, knobs)
+        return Hits(hits.rows, hits.scores, self.version.name, (time.perf_counter() - started) * 1e3)
+
+    def results(self, hits: Hits) -> list[Results]:
+        """:class:`Hits` as one :class:`Results` list per query."""
+        return [Results(recs, hits.version, hits.latency_ms) for recs in self._lists(hits)]
+
+    def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None,
+                          k_factor: int | None = None) -> dict:
+        """Set the index's query-time parameters for every later query (IVF ``nprobe``, HNSW ``efSearch``,
+        refine ``k_factor``); a parameter the index does not have is a :class:`QueryError`. Returns them all."""
+        changes = ann.check_knobs(self.index, {"nprobe": nprobe, "ef_search": ef_search, "k_factor": k_factor})
+        self.knobs = {**self.knobs, **changes}  # one assignment: a concurrent query sees the old or new dict
+        logger.info("index %s search parameters: %s", self.version.name, self.knobs)
+        return dict(self.knobs)
+
+    # -- retrieval internals -------------------------------------------------------------------------------------
+    def _init_search(self, search_device: str) -> None:
+        """Map the FAISS index's internal ids to items-table rows, pick the search path, apply tuned knobs."""
+        inner, id_map = ann.unwrap(self.index)
+        self._row_of = self.faiss_rows.rows(id_map)  # (ntotal,) internal id -> items-table row
+        if (self._row_of < 0).any():
+            raise IndexStateError(f"index {self.version.name}: {int((self._row_of < 0).sum())} vectors have FAISS "
+                                  "ids missing from its items table")
+        self._internal_of = np.full(len(self.item_ids), -1, dtype=np.int64)  # row -> internal id (-1: not searchable)
+        self._internal_of[self._row_of] = np.arange(len(self._row_of))
+        self._stored = self.vectors
+        path = self.version / RunDir.INDEX_VECTORS
+        if self._stored is None and path.is_file():
+            stored = np.load(path, mmap_mode="r")
+            self._stored = stored if stored.shape == (len(self.item_ids), self.index.d) else None
+        self._where_cache: dict[str, np.ndarray] = {}
+        self.knobs = ann.knobs_of(inner)
+        self._tune(inner)
+        exact = None  # the torch GPU path searches the stored vectors (exact even where the index is PQ)
+        if search_device == "gpu" and self._stored is not None:
+            exact = np.asarray(self._stored[self._row_of], dtype=np.float32)
+        self.searcher = ann.make_searcher(inner, search_device, vectors=exact)
+        logger.info("index %s: %d items, search on %s%s", self.version.name, self.index.ntotal, self.searcher.name,
+                    f" with {self.knobs}" if self.knobs else "")
+
+    def _tune(self, inner: faiss.Index) -> None:
+        """Use the version's recorded tuning, or tune now (and record it) for ``index.target_recall``."""
+        if not self.knobs:
+            return
+        target = self.config.index.target_recall
+        record = ann.read_tuning(self.version) or {}
+        recorded = record.get("knobs")
+        if record.get("target_recall") == target and isinstance(recorded, dict) and recorded \
+                and set(recorded) <= set(self.knobs):
+            self.knobs.update(recorded)
+            logger.info("index %s: search parameters %s, auto-tuned for recall@%s %s (measured %s on %s "
+                        "held-out queries)", self.version.name, recorded, record.get("k"), target,
+                        record.get("heldout_recall"), record.get("heldout"))
+            return
+        if target <= 0:
+            logger.info("index %s: search parameters %s (index.target_recall is 0: not tuned)", self.version.name,
+                        self.knobs)
+            return
+        if self._stored is None:
+            logger.warning("index %s has no stored vectors (%s) to tune its search parameters against; using %s",
+                           self.version.name, RunDir.INDEX_VECTORS, self.knobs)
+            return
+        tuning = ann.autotune(inner, np.asarray(self._stored[self._row_of], dtype=np.float32), target, apply=False)
+        self.knobs.update(tuning.knobs)
+        try:
+            ann.write_tuning(self.version, tuning)
+        except OSError as err:
+            logger.warning("could not record the tuning in %s (%s); it is used for this process only",
+                           self.version, err)
+
+    def _keep(self, allow, deny, where) -> np.ndarray | None:
+        """Which indexed items (by internal id) pass ``allow``, ``deny`` and ``where``; ``None``: all of them."""
+        if allow is None and deny is None and where is None:
+            return None
+        keep = np.ones(len(self.item_ids), dtype=bool)
+        if allow is not None:
+            keep[:] = False
+            keep[self._rows(allow, "allow")] = True
+        if where is not None:
+            keep &= self._where_mask(where)
+        if deny is not None:
+            keep[self._rows(deny, "deny")] = False
+        return keep[self._row_of]
+
+    def _where_mask(self, where: str | pl.Expr) -> np.ndarray:
+        """Rows of the items table where the condition holds (null: does not)."""
+        key = where if isinstance(where, str) else None
+        if key is not None and key in self._where_cache:
+            return self._where_cache[key]
+        if isinstance(where, str):
+            if not where.strip():
+                raise QueryError("where is empty: give a condition such as \"year > 1990\"")
+            try:
+                expr = pl.sql_expr(where)  # parsed as SQL into a polars expression: never evaluated as Python
+            except (pl.exceptions.PolarsError, ValueError) as err:
+                raise QueryError(f"where {where!r} is not a valid condition: {_first_line(err)}") from None
+        elif isinstance(where, pl.Expr):
+            expr = where
+        else:
+            raise QueryError(f"where must be a polars expression or SQL text, got {type(where).__name__}")
+        columns = self.items.columns
+        for name in expr.meta.root_names():
+            if name not in columns:
+                raise QueryError(f"where: unknown column {name!r}; the item columns are {', '.join(columns)}")
+        try:
+            out = self.items.select(expr.alias("where")).to_series()
+        except (pl.exceptions.PolarsError, ValueError, TypeError) as err:
+            raise QueryError(f"where {_describe(where)} cannot be evaluated: {_first_line(err)}") from None
+        if out.dtype != pl.Boolean or len(out) != self.items.height:
+            raise QueryError(f"where {_describe(where)} must give true or false for each item, got "
+                             f"{len(out)} value(s) of type {out.dtype}")
+        mask = out.fill_null(False).to_numpy().astype(bool)
+        if key is not None:
+            if len(self._where_cache) >= 64:
+                self._where_cache.pop(next(iter(self._where_cache)))
+            self._where_cache[key] = mask
+        return mask
+
+    def _retrieve(self, users: np.ndarray, k: int, exclude_rows: list | None, keep: np.ndarray | None,
+                  knobs: dict) -> Hits:
+        """The filtered top-``k`` of ``users (B, D)``: rows and scores, -1 / -inf past a short list's end."""
+        exclude = None
+        if exclude_rows is not None and any(len(r) for r in exclude_rows):
+            exclude = [self._internal_of[np.asarray(r, dtype=np.int64)] for r in exclude_rows]
+        scores, labels = self.searcher.search(np.ascontiguousarray(users, dtype=np.float32), k, keep, exclude, knobs)
+        rows = np.where(labels >= 0, self._row_of[np.maximum(labels, 0)], -1)
+        return Hits(rows, scores, self.version.name, 0.0)
+
+    def _lists(self, hits: Hits) -> list[list[Recommendation]]:
+        """One list of :class:`Recommendation` per query of ``hits``."""
+        out = []
+        for rows, scores in zip(hits.rows.tolist(), hits.scores.tolist()):
+            out.append([Recommendation(self.item_ids[r], self.titles[r], s, s) for r, s in zip(rows, scores) if r >= 0])
+        return out
+
+    def _vector(self, row: int) -> np.ndarray:
+        """The item-tower vector of an items-table row (stored beside the index, else read back from it)."""
+        if self._stored is not None:
+            return np.asarray(self._stored[row], dtype=np.float32)
+        internal = int(self._internal_of[row])
+        if internal < 0:
+            raise QueryError(f"item {self.item_ids[row]!r} is not in index {self.version.name}")
+        with self._lock:
+            return np.asarray(ann.index_vectors_at(ann.unwrap(self.index)[0], [internal])[0], dtype=np.float32)
 
     def rerank(self, history: Sequence, candidates: list[Recommendation], k: int | None = None) -> list[Recommendation]:
-        """Reorder retrieved candidates with the LLM reranker given the user's history; returns the top ``k``."""
-        k = len(candidates) if k is None else k
-        if len(candidates) < 2:
-            return candidates[:k]
-        prompt = self.builder.build(self._rows(history)).input_ids
-        llm = self.reranker.log_odds(prompt, [c.title for c in candidates])
-        retrieval = torch.tensor([c.retrieval_score for c in candidates])
-        final = self.reranker.combine(retrieval, llm)
-        order = torch.argsort(final, descending=True, stable=True).tolist()[:k]
-        return [Recommendation(candidates[o].item_id, candidates[o].title, float(final[o]),
-                               candidates[o].retrieval_score, float(llm[o])) for o in order]
+        """Reorder retrieved candidates with the LLM reranker given the user's history; returns the top ``k``.
 
-    def _search(self, users: np.ndarray, n: int, seen: list[set], allowed: Iterable | None):
-        """Top-``n`` (rows, scores) per user, with seen rows removed; over-fetches by the largest history."""
-        params = None
-        if allowed is not None:
-            allowed_ids = self.faiss_ids[self._rows(allowed, "allowed")].astype(np.int64)
-            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed_ids))
-        fetch = min(self.index.ntotal, n + max((len(s) for s in seen), default=0))
-        scores, ids = self.index.search(np.ascontiguousarray(users, dtype=np.float32), fetch, params=params)
+        The first ``rerank.candidates`` (the depth) are reranked: the final score is
+        ``z(retrieval) + weight * z(llm)`` within them and ``rerank_score`` is the LLM's score (yes/no log-odds,
+        or the letter logit in listwise mode). Candidates beyond the depth follow in retrieval order, unchanged.
+        The same set of items comes out as went in.
+        """
+        return self.rerank_batch([history], [candidates], k)[0]
+
+    def rerank_batch(self, histories: Sequence[Sequence], candidate_lists: Sequence[list[Recommendation]],
+                     k: int | None = None) -> list[list[Recommendation]]:
+        """:meth:`rerank` for many users; listwise prompts of several users share a forward pass."""
+        import dataclasses
+
+        if len(histories) != len(candidate_lists):
+            raise QueryError(f"{len(histories)} histories for {len(candidate_lists)} candidate lists")
+        depth = self.config.rerank.candidates
+        todo = [u for u, c in enumerate(candidate_lists) if len(c[:depth]) >= 2]
+        llm = []
+        if todo:
+            rr = self.reranker
+            profiles = [rr.history.build(self._rows(histories[u], "history")).input_ids for u in todo]
+            llm = rr.score_batch(profiles, [[c.title for c in candidate_lists[u][:depth]] for u in todo])
+        scores = dict(zip(todo, llm))
         out = []
-        for u in range(len(users)):
-            rows, vals = [], []
-            for f, s in zip(ids[u], scores[u]):
-                if f < 0:
-                    continue
-                r = self.faiss_rows.row(int(f))
-                if r in seen[u]:
-                    continue
-                rows.append(r)
-                vals.append(float(s))
-                if len(rows) == n:
-                    break
-            out.append((rows, np.asarray(vals, dtype=np.float32)))
+        for u, cands in enumerate(candidate_lists):
+            cands = list(cands)
+            if u in scores:
+                head = cands[:depth]
+                final = self.reranker.combine(torch.tensor([c.retrieval_score for c in head]), scores[u])
+                order = torch.argsort(final, descending=True, stable=True).tolist()
+                cands = [dataclasses.replace(head[o], score=float(final[o]), rerank_score=float(scores[u][o]))
+                         for o in order] + cands[depth:]
+            out.append(cands if k is None else cands[:k])
         return out
+
+    def explain(self, history_or_user, recommendations: Sequence, llm: bool = True) -> list:
+        """One short reason per recommendation, grounded in the user's history: a list of
+        :class:`towers.explain.Reason` (``str(reason)`` is its text; ``cites`` the history item ids it names).
+
+        ``history_or_user`` is a known user id or a history (item ids, oldest first); ``recommendations`` are
+        :class:`Recommendation` objects or item ids. The LM writes each reason (batched, at most
+        ``rerank.explain_tokens`` tokens), and inside quotes it can only write titles of the history items its
+        prompt shows. A reason that still names an item outside the history, or cites none, is replaced by a
+        template citing the two history items most similar to the recommendation by item embedding
+        (``source="template"``); ``llm=False`` gives the templates alone, with no LM pass.
+        """
+        from towers.explain import Explainer, Reason, ground, template_reason
+
+        if isinstance(history_or_user, (str, bytes, numbers.Integral)) and not isinstance(history_or_user, bool):
+            history = self.history_of(history_or_user)
+        else:
+            history = _id_list(history_or_user, "history")
+        rows = self._rows(history, "history")
+        if not rows:
+            raise QueryError("empty history: give at least one item id")
+        targets = [self.index_items.row(self._key(getattr(r, "item_id", r), "recommendations"))
+                   for r in _id_list(recommendations, "recommendations")]
+        if not targets:
+            return []
+        texts = [None] * len(targets)
+        if llm:
+            rr = self.reranker
+            if getattr(self, "_explainer", None) is None or self._explainer.rr is not rr:
+                self._explainer = Explainer(rr)  # reads the tokenizer's vocabulary once
+            profile = rr.history.build(rows)
+            texts = self._explainer.generate(profile.input_ids, [self.titles[r] for r in profile.items],
+                                           [self.titles[t] for t in targets])
+        unique = list(dict.fromkeys(rows))
+        reasons = []
+        for target, text in zip(targets, texts):
+            cites = ground(text, self._title_matcher, unique) if text is not None else None
+            if cites is not None:
+                reasons.append(Reason(text, tuple(self.item_ids[r] for r in cites), "llm"))
+                continue
+            near = self._most_similar(unique, target, 2)
+            reasons.append(Reason(template_reason([self.titles[r] for r in near]),
+                                  tuple(self.item_ids[r] for r in near), "template"))
+        return reasons
+
+    @property
+    def _title_matcher(self):
+        from towers.explain import TitleMatcher
+
+        if getattr(self, "_matcher", None) is None:
+            self._matcher = TitleMatcher(self.titles)
+        return self._matcher
+
+    def _most_similar(self, rows: list[int], target: int, n: int) -> list[int]:
+        """The ``n`` history rows closest to ``target`` by item-embedding cosine (most recent first on ties)."""
+        def vector(r: int) -> np.ndarray:
+            if self.vectors is not None:
+                return np.asarray(self.vectors[r], dtype=np.float32)
+            return np.asarray(self.index.reconstruct(int(self.faiss_ids[r])), dtype=np.float32)
+
+        try:
+            v = np.stack([vector(r) for r in rows + [target]])
+        except RuntimeError:  # an index that cannot give its vectors back: the most recent items instead
+            logger.warning("index %s cannot reconstruct item vectors; reasons cite the most recent items",
+                           self.version.name)
+            return rows[::-1][:n]
+        v /= np.linalg.norm(v, axis=1, keepdims=True) + 1e-12
+        sims = v[:-1] @ v[-1]
+        order = sorted(range(len(rows)), key=lambda i: (-sims[i], -i))
+        return [rows[i] for i in order[:n]]
+
+
+def _check_k(k) -> None:
+    """``k`` is an integer from 1 to :data:`MAX_K`."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise QueryError(f"k must be an integer, got {type(k).__name__} {k!r}")
+    if k < 1:
+        raise QueryError(f"k must be at least 1, got {k}")
+    if k > MAX_K:
+        raise QueryError(f"k must be at most {MAX_K}, got {k}")
+
+
+def _first_line(err: Exception, limit: int = 160) -> str:
+    """The first line of an error message, cut to ``limit`` characters (polars may append a parse tree)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    line = lines[0] if lines else type(err).__name__
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def _describe(where) -> str:
+    return repr(where) if isinstance(where, str) else str(where)
 
 
 def _check_id_type(value, what: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -120,8 +121,10 @@ def test_query_json(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
     code = cli.main(["query", "--run", str(tiny_run), "--user", str(user), "-k", "5", "--rerank", "off",
                      "--device", "cpu", "--json"])
     assert code == 0
-    got = json.loads(capsys.readouterr().out)
+    out = json.loads(capsys.readouterr().out)
+    got = out["items"]
     want = rec.recommend(user_id=user, k=5, rerank=False)
+    assert out["version"] == want.version == rec.version.name and out["latency_ms"] > 0
     assert [r["item_id"] for r in got] == [r.item_id for r in want]
     assert [r["title"] for r in got] == [r.title for r in want]
     assert [r["score"] for r in got] == pytest.approx([r.score for r in want], abs=1e-5)
@@ -136,7 +139,8 @@ def test_query_text_for_new_user(tiny_run: Path, capsys: pytest.CaptureFixture) 
     assert out[0] == "history (3 items, most recent last):"
     assert out[1:4] == ["  1: Toy Story (1995)", "  50: Star Wars (1977)", "  100: Fargo (1996)"]
     assert out[4] == "top-3:"
-    assert len(out) == 8 and all("llm " in line for line in out[5:])
+    assert len(out) == 9 and all("llm " in line for line in out[5:8])
+    assert re.fullmatch(r"index version v\S+, query \d+\.\d ms", out[8])
 
 
 def test_evaluate_json(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
@@ -291,7 +295,7 @@ def test_verbose_after_subcommand_runs(tiny_run: Path, capsys: pytest.CaptureFix
     code = cli.main(["query", "-v", "--run", str(tiny_run), "--history", "1,50", "-k", "2", "--rerank", "off",
                      "--device", "cpu", "--json"])
     assert code == 0
-    assert len(json.loads(capsys.readouterr().out)) == 2
+    assert len(json.loads(capsys.readouterr().out)["items"]) == 2
 
 
 # --- query text output ------------------------------------------------------------------------------------
@@ -309,7 +313,25 @@ def test_query_text_shows_last_ten_history_items(tiny_run: Path, capsys: pytest.
     assert out[0] == f"history (last 10 of {len(history)} items, most recent last):"
     assert out[1:11] == [f"  {i}: {titles[i]}" for i in history[-10:]]
     assert out[11] == "top-3:"
-    assert len(out) == 15
+    assert len(out) == 16 and out[15].startswith(f"index version {rec.version.name}, query ")
+
+
+def test_query_filters(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
+    """--allow, --deny and --where reach the query; --k above 1000 and an unknown column are one-line errors."""
+    rec = Recommender.load(tiny_run, device="cpu")
+    user = sorted(rec.histories)[0]
+    base = ["query", "--run", str(tiny_run), "--user", str(user), "--rerank", "off", "--device", "cpu", "--json"]
+    want = rec.recommend(user_id=user, k=4, rerank=False, allow=[1, 50, 100, 181, 258, 7], deny=[50],
+                         where="title LIKE '%(199%'")
+    assert cli.main(base + ["--k", "4", "--allow", "1,50,100,181,258,7", "--deny", "50",
+                            "--where", "title LIKE '%(199%'"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["item_id"] for r in out["items"]] == [r.item_id for r in want] and want
+    assert all(r["title"][-6:-2] == "(199" for r in out["items"]) and 50 not in [r["item_id"] for r in out["items"]]
+    assert cli.main(base + ["--k", "1001"]) == 2
+    assert _error_line(capsys, "query") == "towerrec query: error: --k must be from 1 to 1000, got 1001"
+    assert cli.main(base + ["--where", "year > 1990"]) == 2
+    assert "where: unknown column 'year'" in _error_line(capsys, "query")
 
 
 # --- train: refusing, overwriting and interrupting ---------------------------------------------------------

@@ -30,19 +30,10 @@ logger = logging.getLogger(__name__)
 def text_features(model, dataset: ItemDataset, device, batch_size: int = 64, progress: bool = True) -> torch.Tensor:
     """``(N, H)`` features of every item's text from the model's (frozen) text encoder, cached on disk."""
     encoder = model.item.text
-    key = hashlib.sha256(json.dumps({
-        "weights": hash_weights(encoder).hexdigest(), "model": model.config.item.text.model,
-        "max_length": model.config.item.text.max_length, "texts": dataset.texts,
-    }).encode()).hexdigest()[:32]
-    path = cache_dir() / "features" / f"text-{key}.safetensors"
-    if path.is_file():
-        try:
-            feats = load_file(str(path))["features"]
-            if feats.shape[0] == len(dataset):
-                logger.info("text features of %d items from the cache (%s)", len(dataset), path.name)
-                return feats
-        except (SafetensorError, OSError, KeyError):
-            logger.warning("ignoring an unreadable feature cache file %s", path)
+    path = _cache_path(model, dataset)
+    feats = cached_text_features(model, dataset, path)
+    if feats is not None:
+        return feats
     out = []
     loader = item_loader(dataset, batch_size=batch_size, text_only=True)
     for batch in tqdm(loader, desc="encoding item texts", leave=False, disable=not progress):
@@ -57,6 +48,32 @@ def text_features(model, dataset: ItemDataset, device, batch_size: int = 64, pro
     finally:
         tmp.unlink(missing_ok=True)
     return feats
+
+
+def cached_text_features(model, dataset: ItemDataset, path=None) -> torch.Tensor | None:
+    """The cached ``(N, H)`` text features of every item of ``dataset``, or None when not cached (nothing is
+    computed: a caller embedding a catalog in resumable chunks encodes the missing texts chunk by chunk)."""
+    path = path or _cache_path(model, dataset)
+    if not path.is_file():
+        return None
+    try:
+        feats = load_file(str(path))["features"]
+    except (SafetensorError, OSError, KeyError):
+        logger.warning("ignoring an unreadable feature cache file %s", path)
+        return None
+    if feats.shape[0] != len(dataset):
+        return None
+    logger.info("text features of %d items from the cache (%s)", len(dataset), path.name)
+    return feats
+
+
+def _cache_path(model, dataset: ItemDataset):
+    """Cache file of the text features of ``dataset``'s items for the model's text encoder."""
+    key = hashlib.sha256(json.dumps({
+        "weights": hash_weights(model.item.text).hexdigest(), "model": model.config.item.text.model,
+        "max_length": model.config.item.text.max_length, "texts": dataset.texts,
+    }).encode()).hexdigest()[:32]
+    return cache_dir() / "features" / f"text-{key}.safetensors"
 
 
 def text_encoder_is_cacheable(model) -> bool:

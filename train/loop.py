@@ -29,7 +29,7 @@ from data.protocol import Split, held_out, ranking_metrics, split_catalog, targe
 from data.rundir import RunDir
 from errors import CatalogError, CheckpointError, ConfigError
 from towers.device import resolve_device
-from towers.factory import TwoTower, build_towers, make_item_dataset, save_towers
+from towers.factory import TwoTower, build_towers, is_saved, load_towers, make_item_dataset, save_towers
 from towers.hub import load_tokenizer
 from towers.sequence import title_table
 from train.curves import plot_curves
@@ -296,7 +296,7 @@ def fit(config: Config, model: TwoTower, states: UserStates, bank: ItemBank, spl
 
 
 def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress: bool = True,
-          overwrite: bool = False, resume: bool = False) -> TrainResult:
+          overwrite: bool = False, resume: bool = False, resume_from: str | Path | None = None) -> TrainResult:
     """Train both towers on a catalog and write a servable run directory.
 
     Args:
@@ -308,6 +308,9 @@ def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress
         overwrite: replace an existing run at ``run_dir`` (otherwise that is an error).
         resume: continue an interrupted training from its saved state (``train.resumable`` saves one after
             every epoch, beside the run directory; item-sequence input only).
+        resume_from: a trained run to start from (periodic re-fine-tuning on a newer catalog): its weights,
+            with the id tables remapped by item id (see :func:`init_from_run`). ``config`` must build the same
+            towers (``cli.py train --resume-from`` uses that run's config, plus any ``--set``).
 
     Under ``torchrun`` every process trains on its share of each batch and process 0 writes the run.
     """
@@ -324,6 +327,8 @@ def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress
         seed_everything(config.train.seed)
         data = load_training_data(config, catalog_dir)
         model = build_towers(config, num_ids=data.split.num_items).to(device)  # step 2
+        if resume_from is not None:
+            init_from_run(model, resume_from, data.split_items)
         bank = build_item_bank(config, model, data, device, progress and rank == 0)
         if config.user.input == "items":  # the LLM reads item embeddings: see train/sequence.py
             titles = title_table(model, data.catalog.items["title"].gather(data.split_rows).to_list())
@@ -351,6 +356,50 @@ def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress
             staged.discard()
         raise
     return result
+
+
+ID_TABLES = ("item.ids.weight", "user.table.weight")  # state-dict rows indexed by id-table row
+
+
+def init_from_run(model: TwoTower, source: str | Path, items: ItemSpace) -> dict[str, int]:
+    """Load a trained run's weights into ``model``, whose id tables index ``items`` (the new split's items).
+
+    Every checkpointed tensor is copied as it is, except the id tables (the item tower's id vectors and the
+    item-sequence user tower's own input table): an item the source run learned keeps its row, moved to the
+    item's new row; a new item keeps its fresh initialisation and is learned by this training. Catalog items
+    outside the new split get no row (cold start: embedded from their content). A tensor the source run
+    lacks or has in another shape is a :class:`CheckpointError` (it was trained with another config).
+    Returns ``{"kept": ..., "new": ...}`` id rows.
+    """
+    src = RunDir(source).require()
+    old = load_towers(src, "cpu")
+    old_rows = items.to(src.read_id_table())  # (I,) new id row -> the source run's id row, -1 for a new item
+    known = torch.from_numpy(np.flatnonzero(old_rows >= 0))
+    saved = {k: v for k, v in old.state_dict().items() if is_saved(old, k)}
+    target = {k: v for k, v in model.state_dict().items() if is_saved(model, k)}
+    missing, unexpected = sorted(set(target) - set(saved)), sorted(set(saved) - set(target))
+    if missing or unexpected:
+        raise CheckpointError(f"--resume-from {src.path}: its towers do not match this config (missing "
+                              f"{missing[:3]}, unexpected {unexpected[:3]}); train with the run's own config")
+    state = {}
+    for k, want in target.items():
+        have = saved[k]
+        if k in ID_TABLES:
+            if have.shape[1:] != want.shape[1:]:
+                raise CheckpointError(f"--resume-from {src.path}: id table {k!r} has rows of {have.shape[1]}, "
+                                      f"this config {want.shape[1]}")
+            table = want.detach().clone()
+            table[known.to(table.device)] = have[torch.from_numpy(old_rows[known.numpy()])].to(table)
+            state[k] = table
+        elif have.shape != want.shape:
+            raise CheckpointError(f"--resume-from {src.path}: tensor {k!r} has shape {tuple(have.shape)}, this "
+                                  f"config expects {tuple(want.shape)}")
+        else:
+            state[k] = have
+    model.load_state_dict(state, strict=False)
+    counts = {"kept": len(known), "new": len(items) - len(known)}
+    logger.info("initialised from run %s: %d id rows kept, %d new items", src.path, counts["kept"], counts["new"])
+    return counts
 
 
 def write_run(run: RunDir, model: TwoTower, data: TrainingData, result: TrainResult) -> None:

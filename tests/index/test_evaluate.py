@@ -133,7 +133,7 @@ def test_rewatched_targets_served_as_in_training(rewatch_run: Path) -> None:
 
     # The check has teeth: dropping every seen item, re-watched targets included, scores differently.
     histories = [[split.item_ids[j] for j in h] for _, h, _ in held]
-    lists = rec.recommend_batch(histories=histories, k=20, rerank=False, allowed=split.item_ids)
+    lists = rec.recommend_batch(histories=histories, k=20, rerank=False, allow=split.item_ids)
     ranks = []
     for (target, _, _), recs in zip(held, lists):
         ids = [r.item_id for r in recs]

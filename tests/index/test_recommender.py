@@ -82,9 +82,9 @@ def test_recommend_known_user(rec, users, item_vectors, catalog_titles) -> None:
         assert all(-1.0001 <= s <= 1.0001 for s in scores)  # cosine similarities
 
 
-def test_recommend_includes_seen_on_request(rec, users, item_vectors) -> None:
+def test_search_vectors_excludes_nothing_unasked(rec, users, item_vectors) -> None:
     user = users[2]
-    recs = rec.recommend(user_id=user, k=20, rerank=False, exclude_seen=False)
+    recs = rec.results(rec.search_vectors(rec.embed_histories([rec.history_of(user)]), k=20))[0]
     scores = item_vectors @ rec.embed_histories([rec.history_of(user)])[0]
     want = [rec.item_ids[r] for r in np.argsort(-scores, kind="stable")[:20]]
     assert [r.item_id for r in recs] == want
@@ -118,11 +118,11 @@ def test_allowed_restricts_results(rec, users, item_vectors) -> None:
     user = users[1]
     history = rec.history_of(user)
     allowed = [i for i in rec.item_ids if i not in history][::3][:25]
-    recs = rec.recommend(user_id=user, k=10, rerank=False, allowed=allowed)
+    recs = rec.recommend(user_id=user, k=10, rerank=False, allow=allowed)
     assert len(recs) == 10 and {r.item_id for r in recs} <= set(allowed)
     assert [r.item_id for r in recs] == _exact_top(rec, item_vectors, history, 10, set(allowed))[0]
     # Fewer allowed items than k: all of them, nothing else.
-    few = rec.recommend(user_id=user, k=10, rerank=False, allowed=allowed[:3])
+    few = rec.recommend(user_id=user, k=10, rerank=False, allow=allowed[:3])
     assert sorted(r.item_id for r in few) == sorted(allowed[:3])
 
 
@@ -140,7 +140,7 @@ def test_query_errors(rec, users) -> None:
     with pytest.raises(QueryError, match="either user_id or history, not both"):
         rec.recommend(user_id=users[0], history=[1])
     with pytest.raises(QueryError, match="unknown item_id 424242"):
-        rec.recommend(user_id=users[0], allowed=[1, 424242])
+        rec.recommend(user_id=users[0], allow=[1, 424242])
 
 
 @pytest.mark.parametrize("history, message", [
@@ -168,8 +168,8 @@ def test_batch_argument_errors(rec, users) -> None:
         rec.recommend(user_id=True)
     with pytest.raises(QueryError, match="give a user_id"):
         rec.recommend()
-    with pytest.raises(QueryError, match="exclude has 2 entries for 1 users"):
-        rec.recommend_batch(user_ids=[users[0]], exclude=[[], []])
+    with pytest.raises(QueryError, match=re.escape("exclude needs one list of item ids per query (1)")):
+        rec.search_vectors(np.zeros((1, rec.index.d), dtype=np.float32), exclude=[[], []])
 
 
 def test_string_form_of_integer_ids_is_accepted(rec, users) -> None:
@@ -326,7 +326,7 @@ def test_evaluate_all_users_matches_queries_and_training(tiny_run: Path, tiny_ca
     for u in range(split.num_users):
         history = [split.item_ids[j] for j in split.sequences[u][:-1]]
         target = split.item_ids[split.test_target(u)]
-        ids = [r.item_id for r in rec.recommend(history=history, k=20, rerank=False, allowed=split.item_ids)]
+        ids = [r.item_id for r in rec.recommend(history=history, k=20, rerank=False, allow=split.item_ids)]
         if target in ids:
             hits += 1
             rr += 1.0 / (ids.index(target) + 1)

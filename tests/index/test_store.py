@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -16,10 +17,16 @@ from index.store import (
     IndexStateError,
     Manifest,
     build_faiss,
+    embeddings_table,
     empty_index,
+    list_versions,
     live_version,
+    prune_versions,
+    read_vectors,
     read_version,
+    refill_index,
     set_live,
+    update_index,
     write_version,
 )
 
@@ -224,3 +231,118 @@ def test_faiss_ids_for_strings_are_stable_and_distinct() -> None:
 def test_faiss_ids_for_integers_are_the_ids() -> None:
     ids = faiss_ids(pl.Series("item_id", [5, 1, 1682, 2**40]))
     np.testing.assert_array_equal(ids, np.array([5, 1, 1682, 2**40], dtype=np.int64))
+
+
+# --- in-place updates, retired rows, manifests, pruning ------------------------------------------------------
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat", "HNSW16"])
+def test_update_or_refill_equals_a_rebuild(data, factory: str) -> None:
+    """Remove 50 ids, re-add 20 of them with new vectors and 30 new ids: the same answers as exact search
+    over the final vectors. Flat updates in place; IVF (whose lists keep stale internal ids under
+    IndexIDMap2) and HNSW (no removal) refuse, untouched, and are refilled with their training kept."""
+    xb, xq, ids = data
+    old, new_vectors = xb[:1000], _clustered(50, 32, 50, seed=9)
+    index = build_faiss(old, ids[:1000], factory, nprobe=16, ef_search=256)
+    remove = ids[100:150]
+    add_ids = np.concatenate([ids[100:120], ids[1000:1030]])
+    final_ids = np.concatenate([ids[:100], ids[150:1000], add_ids])
+    final = np.concatenate([old[:100], old[150:1000], new_vectors])
+    if factory == "Flat":
+        assert update_index(index, remove, new_vectors, add_ids)
+    else:
+        assert not update_index(index, remove, new_vectors, add_ids) and index.ntotal == 1000
+        centroids = faiss.extract_index_ivf(index.index).quantizer.reconstruct_n(0, 16) if "IVF" in factory else None
+        refill_index(index, final, final_ids)
+        if centroids is not None:  # the training is kept, not redone
+            np.testing.assert_array_equal(faiss.extract_index_ivf(index.index).quantizer.reconstruct_n(0, 16),
+                                          centroids)
+    assert index.ntotal == len(final_ids) == 1000
+    scores, found = index.search(xq, 10)
+    exact = xq @ final.T
+    order = np.argsort(-exact, axis=1, kind="stable")[:, :10]
+    truth = final_ids[order]
+    if factory == "HNSW16":  # approximate: ids must be right where found
+        assert _recall(found, truth) >= 0.95 and set(found.ravel()) <= set(final_ids)
+    else:
+        np.testing.assert_array_equal(found, truth)
+        np.testing.assert_allclose(scores, np.take_along_axis(exact, order, 1), atol=1e-5)
+    if "IVF" not in factory:  # (IVF reconstructs only with a direct map)
+        np.testing.assert_allclose(index.reconstruct(int(ids[1000])), new_vectors[20], atol=1e-6)
+
+
+def test_update_index_adds_to_any_type_and_checks_removals(data) -> None:
+    xb, xq, ids = data
+    for factory in ("IVF16,Flat", "HNSW16"):
+        index = build_faiss(xb[:500], ids[:500], factory, nprobe=16, ef_search=256)
+        assert update_index(index, np.empty(0, dtype=np.int64), xb[500:520], ids[500:520])  # adding works
+        assert index.ntotal == 520
+        _, found = index.search(xb[500:520], 1)
+        assert (found[:, 0] == ids[500:520]).mean() >= 0.95
+    flat = build_faiss(xb[:200], ids[:200])
+    with pytest.raises(IndexStateError, match="removed 1 of 2 ids"):
+        update_index(flat, np.array([ids[0], 123456789]), xb[:0], ids[:0])
+
+
+def _with_retired(n: int = 40, retired: int = 3, d: int = 8):
+    """A version whose last ``retired`` rows are kept for histories only (not in the FAISS index)."""
+    xb = _clustered(n, d, 4, seed=1)
+    item_ids = pl.Series("item_id", list(range(n)))
+    fids = faiss_ids(item_ids)
+    items = pl.DataFrame({"faiss_id": fids, "item_id": item_ids, "title": [f"T{i}" for i in range(n)],
+                          "text": [None] * n, "content_hash": [f"h{i}" for i in range(n)],
+                          "searchable": [i < n - retired for i in range(n)]})
+    index = build_faiss(xb[: n - retired], fids[: n - retired])
+    manifest = Manifest(fingerprint="f" * 64, dim=d, metric="ip", count=n - retired, factory="Flat",
+                        created="2026-01-01T00:00:00Z", retired=retired)
+    return xb, index, items, manifest
+
+
+def test_retired_rows_round_trip_with_export(tmp_path: Path) -> None:
+    xb, index, items, manifest = _with_retired()
+    folder = write_version(tmp_path / "index", index, items, manifest, vectors=xb,
+                           embeddings=embeddings_table(items, xb, manifest.fingerprint))
+    loaded, loaded_items, loaded_manifest = read_version(folder, "f" * 64, 8)
+    assert loaded.ntotal == 37 and loaded_items.height == loaded_manifest.rows == 40
+    np.testing.assert_array_equal(read_vectors(folder, loaded_manifest), xb)  # retired rows keep their vectors
+    export = pl.read_parquet(folder / "embeddings" / "part-00000.parquet")
+    assert export.columns == ["item_id", "faiss_id", "vector", "fingerprint", "content_hash", "searchable"]
+    np.testing.assert_array_equal(export["vector"].to_numpy(), xb)
+    assert export["searchable"].sum() == 37
+    with pytest.raises(IndexStateError, match=r"manifest 37 \(\+3 retired\)"):
+        write_version(tmp_path / "index", index, items.head(39), manifest)
+
+
+def test_manifest_refuses_newer_format_and_other_metric(tmp_path: Path) -> None:
+    _, index, items, manifest = _version_inputs()
+    folder = write_version(tmp_path / "index", index, items, manifest)
+    data = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps(dict(data, format=99)))
+    with pytest.raises(IndexStateError, match="manifest format 99 is newer than this towerrec reads"):
+        read_version(folder)
+    (folder / "manifest.json").write_text(json.dumps(dict(data, metric="l2")))
+    with pytest.raises(IndexStateError, match="metric 'l2'"):
+        read_version(folder)
+    (folder / "manifest.json").write_text(json.dumps(dict(data, retired=2)))  # items table lacks those rows
+    with pytest.raises(IndexStateError, match=r"items table 40 rows, manifest says 40 \(\+2 retired\)"):
+        read_version(folder)
+    # A version written before format 2 (no retired rows, no provenance) still reads.
+    old = {k: v for k, v in data.items() if k not in ("retired", "base", "embedded", "mode")}
+    (folder / "manifest.json").write_text(json.dumps(dict(old, format=1)))
+    assert read_version(folder)[2].rows == 40
+
+
+def test_prune_keeps_the_newest_and_the_live_version(tmp_path: Path) -> None:
+    root = tmp_path / "index"
+    _, index, items, manifest = _version_inputs()
+    folders = [write_version(root, index, items, manifest) for _ in range(4)]
+    assert list_versions(root) == folders  # names sort by creation time, even within one second
+    set_live(root, folders[0].name)
+    stale = root / ".v20200101-000000-000000-dead-x1"  # a writer killed long ago
+    stale.mkdir()
+    os.utime(stale, (0, 0))
+    deleted = prune_versions(root, keep=2)
+    assert sorted(deleted) == sorted([folders[1], stale])
+    assert list_versions(root) == [folders[0], folders[2], folders[3]] and live_version(root) == folders[0]
+    with pytest.raises(IndexStateError, match="keep must be at least 1"):
+        prune_versions(root, keep=0)

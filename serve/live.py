@@ -1,0 +1,134 @@
+"""The recommender a server answers from, replaced whole when a new index version goes live.
+
+A background thread reads the run's ``index/LIVE`` pointer every ``poll_s`` seconds (one small file read).
+When it names another version, that version is loaded completely (towers, index, histories) beside the one
+being served, answers one warm-up query, and only then replaces it in a single assignment. A request takes
+:attr:`LiveRecommender.current` once, at its start, and uses that :class:`Served` to the end: requests in
+flight finish on the old version, and every answer comes from exactly one version. The old version is freed
+when its last request lets go of it.
+
+A version that fails to load (missing, corrupt, built for other towers) is logged and reported by
+:attr:`LiveRecommender.reload_error`; the server keeps answering from the version it has, and tries again
+when ``LIVE`` moves on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data.rundir import RunDir
+from errors import IndexStateError, TowerrecError
+from index.recommender import Recommender
+from index.store import Manifest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Served:
+    """One loaded index version and what the server needs to answer from it."""
+
+    rec: Recommender
+    name: str  # the version folder's name, as LIVE names it
+    manifest: Manifest
+    users: list  # every known user id, sorted (the /users listing pages through it)
+    loaded_at: float  # unix time the version went live in this process
+    # One query at a time per Recommender: the tokenizers and the LLM's KV cache are not thread-safe, and on
+    # CPU one query already uses the cores torch is given. Versions have their own lock, so a version being
+    # warmed up never waits for the one being served.
+    lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
+
+
+def _sorted_ids(ids) -> list:
+    """Ids in natural order: integers by value, then strings (a catalog uses one kind, but never fail)."""
+    return sorted(ids, key=lambda i: (isinstance(i, str), i))
+
+
+class LiveRecommender:
+    """Serves the live index version of a run, reloading (off the request path) when ``LIVE`` changes."""
+
+    def __init__(self, run_dir: str | Path, device: str = "auto", poll_s: float = 1.0):
+        """Load the live version now (a clear :class:`TowerrecError` if there is none); ``poll_s``: watch period."""
+        self.run = RunDir(run_dir).require()
+        self.device = device
+        self.poll_s = float(poll_s)
+        self.reload_error: str | None = None  # why the last reload failed (None once one succeeds)
+        self._failed: str | None = None  # the version name that failed, not retried until LIVE moves on
+        self._reload_lock = threading.Lock()  # one reload at a time (the watcher, or a caller of check())
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        name = self.live_name()
+        if name is None:
+            raise IndexStateError(f"{self.run.index_root}: no index built yet (run `towerrec build-index`)")
+        self._current = self._load(name)
+
+    @property
+    def current(self) -> Served:
+        """The version serving now. Take it once per request and keep using that object."""
+        return self._current
+
+    def live_name(self) -> str | None:
+        """The version ``LIVE`` names now, or ``None`` when there is no pointer (yet, or any more)."""
+        try:
+            return (self.run.index_root / RunDir.LIVE).read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def _load(self, name: str) -> Served:
+        t0 = time.perf_counter()
+        rec = Recommender.load(self.run.path, device=self.device, version=name)
+        manifest = Manifest.read(self.run.index_root / name / RunDir.MANIFEST)
+        users = _sorted_ids(rec.histories)
+        if users:  # warm-up: lazy initialisation happens here, not in the first user's request
+            rec.recommend(user_id=users[0], k=1, rerank=False)
+        logger.info("loaded index version %s in %.1fs", name, time.perf_counter() - t0)
+        return Served(rec=rec, name=name, manifest=manifest, users=users, loaded_at=time.time())
+
+    def check(self) -> bool:
+        """Reload if ``LIVE`` names a version other than the one served; True when the version changed.
+
+        Called by the watcher thread; tests may call it directly. A failed load keeps the current version.
+        """
+        with self._reload_lock:
+            name = self.live_name()
+            if name is None or name == self._current.name or name == self._failed:
+                return False
+            try:
+                served = self._load(name)
+            except Exception as err:  # noqa: BLE001 - whatever went wrong, keep serving the version we have
+                self._failed = name
+                self.reload_error = f"index version {name}: {err}"
+                logger.error("keeping index version %s: cannot load %s", self._current.name, self.reload_error,
+                             exc_info=not isinstance(err, TowerrecError))
+                return False
+            old, self._current = self._current.name, served  # the swap: one reference assignment
+            self._failed, self.reload_error = None, None
+            logger.warning("now serving index version %s (was %s)", name, old)
+            return True
+
+    # -- the watcher thread ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start watching ``LIVE`` in a daemon thread (no-op when already started or ``poll_s <= 0``)."""
+        if self._thread is not None or self.poll_s <= 0:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._watch, name="towerrec-index-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the watcher thread (waits for a reload in progress to end)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.check()
+            except Exception:  # e.g. the index folder unreadable: the watcher lives on and sees the next change
+                logger.exception("index watcher: cannot check %s", self.run.index_root / RunDir.LIVE)

@@ -1,0 +1,146 @@
+"""Reranking through the Recommender only reorders what it was given (both modes), and personalised reasons
+name only items of the user's history (the LM is constrained, checked, and replaced by a template if need be)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cli
+from errors import ConfigError, QueryError
+from index.recommender import Recommender
+from towers.explain import Explainer, TitleMatcher, ground, normalise_title
+
+
+@pytest.fixture(scope="module")
+def rec(tiny_run: Path) -> Recommender:
+    return Recommender.load(tiny_run, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def user(rec: Recommender):
+    return sorted(rec.histories, key=lambda u: (len(rec.histories[u]), u))[len(rec.histories) // 2]
+
+
+@pytest.mark.parametrize("mode", ["pointwise", "listwise"])
+def test_rerank_only_reorders_what_it_was_given(rec: Recommender, user, mode: str) -> None:
+    rec.configure_rerank(mode=mode, permutations=2)
+    depth = rec.config.rerank.candidates  # 10 in the tiny setup
+    history = rec.history_of(user)
+    retrieved = list(rec.recommend(user_id=user, k=depth + 5, rerank=False))
+    reranked = rec.rerank(history, retrieved)
+    assert len(reranked) == len(retrieved)
+    assert {r.item_id for r in reranked[:depth]} == {r.item_id for r in retrieved[:depth]}
+    assert reranked[depth:] == retrieved[depth:]  # beyond the depth: retrieval order, untouched
+    assert all(r.rerank_score is not None for r in reranked[:depth])
+    assert [r.score for r in reranked[:depth]] == sorted((r.score for r in reranked[:depth]), reverse=True)
+    assert [r.item_id for r in reranked] != [r.item_id for r in retrieved]  # it did reorder
+    # Batched across users, each list comes out as it would alone; k cuts the head.
+    other = next(u for u in rec.histories if u != user)
+    other_list = list(rec.recommend(user_id=other, k=depth, rerank=False))
+    batch = rec.rerank_batch([history, rec.history_of(other)], [retrieved, other_list], k=4)
+    assert [r.item_id for r in batch[0]] == [r.item_id for r in reranked[:4]]
+    assert [r.item_id for r in batch[1]] == [r.item_id for r in rec.rerank(rec.history_of(other), other_list, 4)]
+    rec.configure_rerank(mode="pointwise", permutations=1)
+
+
+def test_configure_rerank_is_checked(rec: Recommender) -> None:
+    with pytest.raises(ConfigError, match="rerank.mode: must be one of"):
+        rec.configure_rerank(mode="generative")
+    with pytest.raises(ConfigError, match="unknown key"):
+        rec.configure_rerank(depth=5)
+    assert rec.config.rerank.mode == "pointwise"
+
+
+# -- reasons -------------------------------------------------------------------------------------------------
+
+
+def test_title_matching() -> None:
+    assert normalise_title("Godfather, The (1972)") == normalise_title("The Godfather") == "godfather"
+    assert normalise_title("City of Lost Children, The (Cité des enfants perdus, La) (1995)") == \
+        "city of lost children"
+    matcher = TitleMatcher(["Star Wars (1977)", "Heat (1995)", "Godfather, The (1972)", "Fargo (1996)"])
+    history = [0, 1]
+    assert ground('Because you watched "Star Wars" and "Heat (1995)", a classic.', matcher, history) == [0, 1]
+    assert ground('Because you watched "Star Wars", like The Godfather.', matcher, history) is None  # unquoted other
+    assert ground('Because you watched "Fargo (1996)".', matcher, history) is None  # a catalog item not seen
+    assert ground('Because you watched "Blade Runner".', matcher, history) is None  # an invented title
+    assert ground("Because you like films.", matcher, history) is None  # cites nothing
+    assert ground('Because you watched "Heat", in the heat of summer.', matcher, history) == [1]
+
+
+def test_reasons_cite_only_the_history(rec: Recommender, user) -> None:
+    recs = rec.recommend(user_id=user, k=4, rerank=False)
+    history = rec.history_of(user)
+    reasons = rec.explain(user, recs)
+    assert len(reasons) == 4
+    rows = rec._rows(history)
+    for reason in reasons:
+        assert reason.cites and set(reason.cites) <= set(history)
+        assert reason.source in ("llm", "template") and str(reason).startswith("Because you watched")
+        quoted, unquoted = rec._title_matcher.mentions(str(reason))
+        for name in quoted + unquoted:  # every title it names is a history item's
+            assert set(rec._title_matcher.by_norm[name]) & set(rows)
+    # The same for a new user's history, and the templates alone.
+    assert len(rec.explain(history[:3], [r.item_id for r in recs[:2]])) == 2
+    templates = rec.explain(user, recs, llm=False)
+    assert all(r.source == "template" and len(r.cites) == 2 for r in templates)
+
+
+def test_constrained_generation_quotes_history_titles(rec: Recommender, user) -> None:
+    """Whatever the LM writes inside quotes is a whole title of the history it was shown."""
+    rr = rec.reranker
+    profile = rr.history.build(rec._rows(rec.history_of(user)))
+    shown = [rec.titles[r] for r in profile.items]
+    texts = Explainer(rr).generate(profile.input_ids, shown, [rec.titles[0], rec.titles[1], rec.titles[2]])
+    allowed = {normalise_title(rr.tokenizer.decode(rr._encode(t))) for t in shown}
+    assert len(texts) == 3
+    for text in texts:
+        quoted, _ = TitleMatcher([]).mentions(text)
+        assert quoted and set(quoted) <= allowed, text
+
+
+def test_template_cites_the_most_similar_history_items(rec: Recommender, user, monkeypatch) -> None:
+    history = rec.history_of(user)
+    rows = list(dict.fromkeys(rec._rows(history)))
+    target = rec.recommend(user_id=user, k=1, rerank=False)[0]
+    v = np.stack([rec.index.reconstruct(int(rec.faiss_ids[r])) for r in rows])
+    t = rec.index.reconstruct(int(rec.faiss_ids[rec.index_items.row(target.item_id)]))
+    sims = (v / np.linalg.norm(v, axis=1, keepdims=True)) @ (t / np.linalg.norm(t))
+    want = tuple(rec.item_ids[rows[i]] for i in np.argsort(-sims)[:2])
+    seen_title, unseen = rec.titles[rows[0]], next(i for i in rec.item_ids if i not in history)
+    unseen_title = rec.titles[rec.index_items.row(unseen)]
+    written = [f'Because you watched "{seen_title}" and "{unseen_title}".',  # names an unseen item
+               f'Because you watched "{seen_title}", a classic.',  # grounded
+               "Because you like films."]  # cites nothing
+    monkeypatch.setattr(Explainer, "generate", lambda self, profile, shown, titles: written[: len(titles)])
+    reasons = rec.explain(user, [target] * 3)
+    assert [r.source for r in reasons] == ["template", "llm", "template"]
+    assert reasons[1].text == written[1] and reasons[1].cites == (rec.item_ids[rows[0]],)
+    assert reasons[0].cites == want and reasons[2].cites == want
+    assert unseen_title not in reasons[0].text
+
+
+def test_explain_input_errors(rec: Recommender, user) -> None:
+    with pytest.raises(QueryError, match="unknown user_id"):
+        rec.explain("no-such-user", [1])
+    with pytest.raises(QueryError, match="unknown item_id .* in recommendations"):
+        rec.explain(user, ["no-such-item"])
+    with pytest.raises(QueryError, match="empty history"):
+        rec.explain([], [rec.item_ids[0]])
+    assert rec.explain(user, []) == []
+
+
+def test_cli_query_explain(tiny_run: Path, rec: Recommender, user, capsys) -> None:
+    argv = ["query", "--run", str(tiny_run), "--user", str(user), "-k", "2", "--rerank", "off", "--explain",
+            "--device", "cpu"]
+    assert cli.main([*argv, "--json"]) == 0
+    items = json.loads(capsys.readouterr().out)["items"]
+    assert len(items) == 2 and all(i["reason"].startswith("Because you watched") for i in items)
+    assert all(i["reason_source"] in ("llm", "template") for i in items)
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("Because you watched") == 2

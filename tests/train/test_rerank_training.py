@@ -1,0 +1,129 @@
+"""Reranker fine-tuning on the tiny run: training examples come from training items only, the retriever's own
+top-N is the candidate list, the adapter is saved into the run and served, and the fusion weight is tuned."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cli
+from data.protocol import split_catalog
+from data.rundir import RunDir
+from errors import ConfigError
+from index.evaluate import evaluate
+from index.recommender import Recommender
+from train import rerank as train_rerank
+from train.rerank import (
+    WEIGHTS,
+    Example,
+    held_out_example,
+    rerank_metrics,
+    retriever_candidates,
+    train_reranker,
+    tune_weight,
+)
+
+FAST = ["rerank.train_users=12", "rerank.eval_users=10", "rerank.epochs=1", "rerank.train_batch=4"]
+
+
+@pytest.fixture()
+def run(tiny_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny run (fine-tuning writes into it)."""
+    return Path(shutil.copytree(tiny_run, tmp_path / "run"))
+
+
+@pytest.fixture(scope="module")
+def rec(tiny_run: Path) -> Recommender:
+    return Recommender.load(tiny_run, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def split(rec: Recommender, tiny_run: Path):
+    return split_catalog(rec.config, RunDir(tiny_run).load_catalog())
+
+
+def test_training_examples_stop_before_the_validation_item(rec: Recommender, split) -> None:
+    users = list(range(split.num_users))
+    examples = retriever_candidates(rec, split, users, "train", 10)
+    assert len(examples) == sum(len(s) >= 4 for s in split.sequences) > 0
+    for e in examples:
+        seq = split.sequences[e.user]
+        target, history = held_out_example(split, e.user, "train")
+        assert target == seq[-3] and list(history) == list(seq[:-3])  # never the validation or test item
+        assert e.target == rec.index_items.row(split.item_ids[seq[-3]])
+        assert e.history == [rec.index_items.row(split.item_ids[j]) for j in seq[:-3]]
+        assert len(e.candidates) == 10 and len(set(e.candidates)) == 10
+        assert not (set(e.candidates) - {e.target}) & set(e.history)  # the history is excluded, never the target
+        assert list(e.retrieval) == sorted(e.retrieval, reverse=True)
+
+
+def test_retriever_candidates_match_the_served_evaluation(rec: Recommender, split, tiny_run: Path) -> None:
+    """The exact top-20 over the run's item vectors ranks like the FAISS index does in `evaluate`."""
+    examples = retriever_candidates(rec, split, list(range(split.num_users)), "test", 20)
+    served = evaluate(tiny_run, rerank=False, progress=False, recommender=rec)["retrieval"]
+    ours = rerank_metrics(examples, None, 0.0)
+    for key in ("recall@5", "ndcg@10", "recall@20"):
+        assert ours[key] == pytest.approx(served[key], abs=1e-4)
+
+
+def test_tune_weight_picks_the_best_fusion_on_validation() -> None:
+    def example(target: int) -> Example:
+        return Example(0, [9], target, [0, 1, 2, 3], np.array([0.9, 0.8, 0.7, 0.6], dtype=np.float32))
+
+    examples = [example(3), example(2)]
+    helpful = [torch.tensor([0.0, 0.0, 0.0, 9.0]), torch.tensor([0.0, 0.0, 9.0, 0.0])]  # LLM finds both targets
+    weight, table = tune_weight(examples, helpful)
+    assert weight > 0 and table[weight] == pytest.approx(1.0)  # both targets first
+    assert table[0.0] == rerank_metrics(examples, None, 0.0)["ndcg@10"]  # weight 0 is the retriever's order
+    useless = [torch.zeros(4), torch.zeros(4)]
+    assert tune_weight(examples, useless)[0] == 0.0  # all weights tie: the smallest
+
+
+def test_fine_tune_listwise_saves_an_adapter_the_recommender_serves(run: Path, monkeypatch) -> None:
+    seen: list[Example] = []
+    real_loss = train_rerank._listwise_loss
+
+    def spy(rr, batch, titles, rng):
+        seen.extend(batch)
+        return real_loss(rr, batch, titles, rng)
+
+    monkeypatch.setattr(train_rerank, "_listwise_loss", spy)
+    result = train_reranker(run, "listwise", FAST, device="cpu", progress=False)
+    assert result.mode == "listwise" and result.steps == 3 and result.weight in WEIGHTS
+    assert [h["step"] for h in result.history] == [0, 3]  # zero-shot first, then once per epoch
+    assert set(result.valid) >= {"retrieval", "zero_shot_llm_alone", "fine_tuned_llm_alone", "fused"}
+    # Training saw 12 users, each with the retriever's top-10 and the true next training item among them.
+    rec = Recommender.load(run, device="cpu")
+    split = split_catalog(rec.config, RunDir(run).load_catalog())
+    assert len(seen) == 12
+    for e in seen:
+        assert e.target in e.candidates and len(e.candidates) == rec.config.rerank.candidates
+        assert e.target == rec.index_items.row(split.item_ids[split.sequences[e.user][-3]])
+    record = json.loads((run / "rerank" / "listwise.json").read_text())
+    assert record["weight"] == result.weight and record["train_users"] == 12
+    # Served: the recommender picks the adapter up for its mode, with the tuned weight.
+    assert rec.reranker.trained is None  # the run's own mode (pointwise) has no adapter
+    rec.configure_rerank(mode="listwise")
+    assert rec.reranker.trained is not None and rec.reranker.weight == result.weight
+    user = next(iter(rec.histories))
+    retrieved = rec.recommend(user_id=user, k=10, rerank=False)
+    reranked = rec.recommend(user_id=user, k=10, rerank=True)
+    assert {r.item_id for r in reranked} == {r.item_id for r in retrieved}
+
+
+def test_cli_train_rerank_pointwise(run: Path, capsys) -> None:
+    code = cli.main(["train-rerank", "--run", str(run), "--mode", "pointwise", "--quiet", "--device", "cpu",
+                     *[a for s in FAST for a in ("--set", s)], "--set", "rerank.negatives=2"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["mode"] == "pointwise" and out["steps"] == 3
+    assert (run / "rerank" / "pointwise.safetensors").is_file()
+    assert cli.main(["train-rerank", "--run", str(run), "--set", "train.lr=1", "--quiet"]) == 2
+    assert "train-rerank changes rerank.* settings only" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="rerank.mode: must be one of"):
+        train_reranker(run, overrides=["rerank.mode=generative"], progress=False)

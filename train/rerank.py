@@ -1,0 +1,347 @@
+"""Fine-tuning the LLM reranker with LoRA on the trained retriever's own mistakes (LlamaRec's recipe).
+
+Training users only. A user's example is its training prefix (``train_seq[:-1]``) and the next training item
+(``train_seq[-1]``); the validation and test targets are never read. The candidates are the retriever's own top-N
+for that prefix, so the negatives are its real mistakes; when it missed the true item, that item replaces the
+lowest-ranked candidate. The candidate order is shuffled at every step against position bias.
+
+- ``listwise``: cross-entropy over the candidates' letter logits at the answer position (one pass per user).
+- ``pointwise``: binary cross-entropy on the yes/no log-odds of the true item and ``rerank.negatives`` hard
+  negatives drawn from the same top-N, all sharing the history's KV cache.
+
+Early stopping reads the validation NDCG@10 of the LLM-reranked top-N (validation users' validation target,
+history = their training items). The fusion weight of ``z(retrieval) + w * z(llm)`` is then tuned on the same
+validation users, never on test, and saved with the adapter in the run's ``rerank/`` folder, which
+``Recommender`` loads.
+
+The helpers that score a list of examples (:func:`retriever_candidates`, :func:`llm_scores`,
+:func:`rerank_metrics`, :func:`tune_weight`) also serve the benchmark (``benchmarks/bench_rerank.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from configs import Config, RerankConfig, config_from_dict
+from data.protocol import Split, list_rank, ranking_metrics, split_catalog
+from data.rundir import RunDir
+from errors import ConfigError, QueryError
+from index.recommender import Recommender
+from towers.rerank import LLMReranker, fuse
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 100.0)  # fusion weights tried (100 ~ LLM alone)
+LLM_ONLY = 100.0
+DEPTH = 20  # metrics are read within the reranked top-N; a target outside it is a miss at every cut-off
+
+
+@dataclass
+class Example:
+    """One user's reranking task, in the recommender's index-table rows."""
+
+    user: int  # split user index
+    history: list[int]  # rows the reranker reads, oldest first
+    target: int  # row of the item to find
+    candidates: list[int]  # the retriever's top-N rows, best first
+    retrieval: np.ndarray  # (N,) their retrieval scores
+
+    @property
+    def hit(self) -> bool:
+        return self.target in self.candidates
+
+
+def held_out_example(split: Split, u: int, which: Literal["train", "valid", "test"]) -> tuple[int, np.ndarray] | None:
+    """``(target, history)`` in split indices: ``train`` = last training item after the training prefix,
+    ``valid`` / ``test`` as in :func:`data.protocol.held_out`. ``None`` when the training prefix is empty."""
+    seq = split.sequences[u]
+    if which == "train":
+        train_seq = seq[:-2]
+        return (int(train_seq[-1]), train_seq[:-1]) if len(train_seq) >= 2 else None
+    if which == "valid":
+        return int(seq[-2]), seq[:-2]
+    if which == "test":
+        return int(seq[-1]), seq[:-1]
+    raise ValueError(f"which must be 'train', 'valid' or 'test', got {which!r}")
+
+
+def item_matrix(rec: Recommender) -> np.ndarray:
+    """``(N, D)`` item embeddings in the recommender's row order (kept beside the index, or read back from it)."""
+    if rec.vectors is not None:
+        return np.asarray(rec.vectors, dtype=np.float32)
+    return np.stack([rec.index.reconstruct(int(f)) for f in rec.faiss_ids]).astype(np.float32)
+
+
+def retriever_candidates(rec: Recommender, split: Split, users: Sequence[int], which: Literal["train", "valid", "test"],
+                         depth: int, batch_size: int = 256, progress: bool = False) -> list[Example]:
+    """The retriever's exact top-``depth`` for each user's ``which`` history, over the split's items, history
+    excluded (but never the target, as in :func:`data.protocol.held_out`)."""
+    split_rows = np.asarray(rec._rows(split.item_ids, "split items"), dtype=np.int64)
+    items = torch.from_numpy(item_matrix(rec)[split_rows])  # (I, D)
+    tasks = []
+    for u in users:
+        task = held_out_example(split, u, which)
+        if task is not None:
+            tasks.append((u, *task))
+    out = []
+    for start in tqdm(range(0, len(tasks), batch_size), desc=f"retrieving ({which})", disable=not progress):
+        chunk = tasks[start:start + batch_size]
+        users_emb = torch.from_numpy(rec.embed_histories([[split.item_ids[j] for j in h] for _, _, h in chunk]))
+        scores = users_emb.float() @ items.T  # (B, I)
+        for b, (_, target, history) in enumerate(chunk):
+            seen = history[history != target]
+            if len(seen):
+                scores[b, torch.from_numpy(np.asarray(seen, dtype=np.int64))] = float("-inf")
+        top = scores.topk(min(depth, scores.shape[1]), dim=1)
+        for b, (u, target, history) in enumerate(chunk):
+            keep = torch.isfinite(top.values[b])
+            out.append(Example(u, split_rows[history].tolist(), int(split_rows[target]),
+                               split_rows[top.indices[b][keep].numpy()].tolist(), top.values[b][keep].numpy()))
+    return out
+
+
+def llm_scores(rr: LLMReranker, examples: Sequence[Example], titles: Sequence[str], batch_users: int = 8,
+               progress: bool = False, latencies: list[tuple[float, float]] | None = None) -> list[torch.Tensor]:
+    """The reranker's ``(N,)`` scores of each example's candidates, in its configured mode.
+
+    ``batch_users`` users share a call (listwise prompts then share forward passes); with ``latencies`` given,
+    each user is scored alone and ``(wall, cpu)`` seconds of the call are appended, as a served query would be
+    (the CPU time of all threads tells the cost where other jobs share the machine).
+    """
+    was_training = rr.training
+    rr.eval()
+    out: list[torch.Tensor] = []
+    step = 1 if latencies is not None else batch_users
+    try:
+        for start in tqdm(range(0, len(examples), step), desc=f"scoring ({rr.cfg.mode})", disable=not progress):
+            chunk = examples[start:start + step]
+            t0, c0 = time.perf_counter(), time.process_time()
+            out += rr.score_batch([rr.history.build(e.history).input_ids for e in chunk],
+                                  [[titles[c] for c in e.candidates] for e in chunk])
+            if latencies is not None:
+                latencies.append((time.perf_counter() - t0, time.process_time() - c0))
+    finally:
+        rr.train(was_training)
+    return out
+
+
+def reranked_ranks(examples: Sequence[Example], scores: Sequence[torch.Tensor] | None, weight: float) -> np.ndarray:
+    """0-based rank of each target in its reranked top-N (``len`` = a miss); ``scores=None``: retrieval order."""
+    ranks = []
+    for i, e in enumerate(examples):
+        order = list(range(len(e.candidates)))
+        if scores is not None and len(order) > 1:
+            final = fuse(torch.from_numpy(e.retrieval), scores[i], weight)
+            order = torch.argsort(final, descending=True, stable=True).tolist()
+        ranks.append(list_rank([e.candidates[o] for o in order], e.target, DEPTH))
+    return np.asarray(ranks)
+
+
+def rerank_metrics(examples: Sequence[Example], scores: Sequence[torch.Tensor] | None, weight: float) -> dict:
+    """Recall, NDCG and MRR at 5, 10 and 20 of the (re)ranked lists, rounded to 4 decimals."""
+    return {k: round(v, 4) for k, v in ranking_metrics(reranked_ranks(examples, scores, weight), (5, 10, 20)).items()}
+
+
+def tune_weight(examples: Sequence[Example], scores: Sequence[torch.Tensor]) -> tuple[float, dict]:
+    """The fusion weight (from :data:`WEIGHTS`) with the best NDCG@10 on these (validation) examples, the
+    smallest on ties; and the NDCG@10 of every weight tried."""
+    table = {w: rerank_metrics(examples, scores, w)["ndcg@10"] for w in WEIGHTS}
+    best = max(table.values())
+    return min(w for w, v in table.items() if v == best), table
+
+
+@dataclass
+class RerankResult:
+    """What :func:`train_reranker` did: the saved adapter, the tuned weight and the validation figures."""
+
+    run_dir: Path
+    mode: str
+    weight: float
+    best_step: int
+    steps: int
+    seconds: float
+    valid: dict  # retrieval, zero_shot (LLM alone), fine_tuned (LLM alone) and fused, on the validation users
+    history: list[dict] = field(default_factory=list)  # one record per validation
+
+
+def rerank_config(run: RunDir, mode: str | None, overrides: Sequence[str]) -> Config:
+    """The run's config with ``rerank.*`` overrides (``mode`` too); other sections cannot change here."""
+    for o in overrides:
+        if not o.strip().startswith("rerank."):
+            raise ConfigError(f"--set {o}: train-rerank changes rerank.* settings only")
+    tree = run.read_config().to_dict()
+    if mode is not None:
+        tree["rerank"]["mode"] = mode
+    return config_from_dict(tree, list(overrides))
+
+
+def train_reranker(run_dir: str | Path, mode: Literal["listwise", "pointwise"] | None = None,
+                   overrides: Sequence[str] = (), catalog_dir: str | Path | None = None, device: str = "auto",
+                   progress: bool = True, recommender: Recommender | None = None) -> RerankResult:
+    """Fine-tune the reranker of a trained run with LoRA and save it into ``run_dir/rerank/<mode>.*``.
+
+    Args:
+        run_dir: a trained run with a built index (its retriever supplies the candidates).
+        mode: ``listwise`` or ``pointwise`` (default: the run's ``rerank.mode``).
+        overrides: ``rerank.field=value`` settings (``rerank.train_users``, ``rerank.epochs``, ``rerank.lr``,
+            ``rerank.max_minutes``, ``rerank.lora_layers``, ...), checked like a config file.
+        catalog_dir: the training catalog's new location, if it moved (its content must be unchanged).
+        device: ``auto``, ``cpu``, ``cuda``...
+        recommender: an already loaded :class:`Recommender` of ``run_dir`` (its towers and index are reused).
+    """
+    t_start, cpu_start = time.time(), time.process_time()
+    run = RunDir(run_dir).require()
+    config = rerank_config(run, mode, overrides)
+    cfg: RerankConfig = config.rerank
+    rec = recommender or Recommender.load(run.path, device=device)
+    rec.configure_rerank(**dataclasses.asdict(cfg))
+    split = split_catalog(config, run.load_catalog(catalog_dir))
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    users = list(range(split.num_users))
+    train_users = sorted(rng.sample(users, cfg.train_users)) if 0 < cfg.train_users < len(users) else users
+    valid_users = sorted(rng.sample(users, cfg.eval_users)) if 0 < cfg.eval_users < len(users) else users
+    train_ex = retriever_candidates(rec, split, train_users, "train", cfg.candidates, progress=progress)
+    valid_ex = retriever_candidates(rec, split, valid_users, "valid", cfg.candidates, progress=progress)
+    if not train_ex:
+        raise QueryError(f"no training user of {run.path} has a training prefix to fine-tune on")
+    logger.info("reranker fine-tuning (%s): %d training users (retriever top-%d holds the target for %.0f%%), "
+                "%d validation users (%.0f%%)", cfg.mode, len(train_ex), cfg.candidates,
+                100 * np.mean([e.hit for e in train_ex]), len(valid_ex), 100 * np.mean([e.hit for e in valid_ex]))
+    for e in train_ex:  # the true item replaces the retriever's lowest-ranked candidate when it was missed
+        if not e.hit:
+            e.candidates[-1] = e.target
+
+    rr = rec.build_reranker(adapter=False)  # from the base model, even where the run has an adapter already
+    rr.add_lora()
+    params = [p for p in rr.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(train_ex) / cfg.train_batch)
+    total = steps_per_epoch * cfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / max(1, total // 10))
+                                              * max(0.0, 1 - s / total))
+    eval_every = cfg.eval_every or steps_per_epoch
+    deadline = t_start + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
+
+    history: list[dict] = []
+    best = {"ndcg": -1.0, "step": 0, "state": None, "scores": None}
+
+    def validate(step: int, loss: float) -> bool:
+        """Score the validation users; keep the adapter if it is the best so far. True = stop (patience)."""
+        scores = llm_scores(rr, valid_ex, rec.titles, progress=False)
+        metrics = rerank_metrics(valid_ex, scores, LLM_ONLY)
+        history.append({"step": step, "loss": loss, "seconds": round(time.time() - t_start, 1), **metrics})
+        logger.info("reranker step %d loss %.4f valid ndcg@10 %.4f recall@10 %.4f (LLM alone)", step, loss,
+                    metrics["ndcg@10"], metrics["recall@10"])
+        if metrics["ndcg@10"] > best["ndcg"]:
+            best.update(ndcg=metrics["ndcg@10"], step=step, state=rr.adapter_state(), scores=scores)
+            best["bad"] = 0
+        else:
+            best["bad"] = best.get("bad", 0) + 1
+        return best["bad"] >= max(1, cfg.patience)
+
+    validate(0, float("nan"))  # the adapter starts as the identity (LoRA B = 0): the zero-shot reranker
+    zero_shot, zero_shot_scores = history[0], best["scores"]
+    step, stop, losses = 0, False, []
+    rr.train()
+    bar = tqdm(total=total, desc=f"fine-tuning ({cfg.mode})", disable=not progress)
+    for _epoch in range(cfg.epochs):
+        order = rng.sample(range(len(train_ex)), len(train_ex))
+        for start in range(0, len(order), cfg.train_batch):
+            batch = [train_ex[i] for i in order[start:start + cfg.train_batch]]
+            optim.zero_grad(set_to_none=True)
+            loss = _listwise_loss(rr, batch, rec.titles, rng) if cfg.mode == "listwise" else \
+                _pointwise_loss(rr, batch, rec.titles, rng, cfg.negatives)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optim.step()
+            sched.step()
+            step += 1
+            losses.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+            out_of_time = time.time() > deadline
+            if step % eval_every == 0 or out_of_time:
+                stop = validate(step, float(np.mean(losses[-eval_every:])))
+                rr.train()
+            if stop or out_of_time:
+                if out_of_time:
+                    logger.info("reranker fine-tuning stopped at its time cap (rerank.max_minutes=%g)", cfg.max_minutes)
+                stop = True
+                break
+        if stop:
+            break
+    else:
+        if history[-1]["step"] != step:
+            validate(step, float(np.mean(losses[-eval_every:])))
+    bar.close()
+    rr.load_adapter_state(best["state"])
+    rr.eval()
+    weight, table = tune_weight(valid_ex, best["scores"])
+    zero_shot_weight, _ = tune_weight(valid_ex, zero_shot_scores)
+    rr.weight = weight
+    valid = {
+        "users": len(valid_ex),
+        "retrieval": rerank_metrics(valid_ex, None, 0.0),
+        "zero_shot_llm_alone": {k: v for k, v in zero_shot.items() if "@" in k},
+        "zero_shot_weight": zero_shot_weight,  # the zero-shot reranker's own tuned fusion weight (for comparison)
+        "zero_shot_fused": rerank_metrics(valid_ex, zero_shot_scores, zero_shot_weight),
+        "fine_tuned_llm_alone": rerank_metrics(valid_ex, best["scores"], LLM_ONLY),
+        "fused": rerank_metrics(valid_ex, best["scores"], weight),
+        "ndcg@10_by_weight": {str(w): v for w, v in table.items()},
+    }
+    seconds = time.time() - t_start
+    cpu_seconds = time.process_time() - cpu_start  # every thread's CPU time: on a shared machine, the honest cost
+    rr.save_adapter(run.path, {
+        "best_step": best["step"], "steps": step, "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
+        "threads": torch.get_num_threads(), "train_users": len(train_ex),
+        "settings": dataclasses.asdict(cfg), "valid": valid, "history": history,
+    })
+    logger.info("reranker (%s) saved: best step %d of %d, fusion weight %g, valid ndcg@10 %.4f -> %.4f",
+                cfg.mode, best["step"], step, weight, valid["retrieval"]["ndcg@10"], valid["fused"]["ndcg@10"])
+    return RerankResult(run.path, cfg.mode, weight, best["step"], step, seconds, valid, history)
+
+
+def _listwise_loss(rr: LLMReranker, batch: list[Example], titles: Sequence[str], rng: random.Random) -> float:
+    """Cross-entropy of the true item's letter among the candidates' letters, candidates shuffled; backward done."""
+    prompts, labels, sizes = [], [], []
+    for e in batch:
+        order = rng.sample(e.candidates, len(e.candidates))
+        prompts.append(rr.list_prompt(rr.history.build(e.history).input_ids, [titles[c] for c in order]))
+        labels.append(order.index(e.target))
+        sizes.append(len(order))
+    logits = rr.letter_logits(prompts)  # (B, 26)
+    n = torch.arange(logits.shape[1], device=logits.device)
+    logits = logits.masked_fill(n[None, :] >= torch.tensor(sizes, device=logits.device)[:, None], float("-inf"))
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor(labels, device=logits.device))
+    loss.backward()
+    return float(loss.detach())
+
+
+def _pointwise_loss(rr: LLMReranker, batch: list[Example], titles: Sequence[str], rng: random.Random,
+                    negatives: int) -> float:
+    """Balanced binary cross-entropy of yes/no log-odds: the true item against hard negatives; backward done."""
+    total = 0.0
+    for e in batch:
+        others = [c for c in e.candidates if c != e.target]
+        chosen = [e.target] + rng.sample(others, min(negatives, len(others)))
+        rng.shuffle(chosen)
+        labels = torch.tensor([float(c == e.target) for c in chosen])
+        lo = rr.log_odds_train(rr.history.build(e.history).input_ids, [titles[c] for c in chosen]).float().cpu()
+        weights = torch.where(labels > 0, float(len(chosen) - 1), 1.0)  # the positive weighs as all negatives
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(lo, labels, weight=weights) / len(batch)
+        loss.backward()
+        total += float(loss.detach())
+    return total
