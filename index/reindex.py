@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from data.catalog import Catalog, catalog_sha256, load_catalog
+from data.catalog import MEDIA_COLUMNS, Catalog, catalog_sha256, load_catalog
 from data.ids import ItemSpace, faiss_ids
 from data.items import item_loader, item_text, to_device
 from data.rundir import RunDir
@@ -517,7 +517,7 @@ def _reindex(run: RunDir, config, catalog_dir, full, factory, chunk_size, keep_v
     t2 = time.time()
     if rank == 0:
         folder, update = _publish(run, config, work, chunks, rows, base, fingerprint, factory, digest, mode,
-                                  len(todo), keep_versions)
+                                  len(todo), keep_versions, meta=catalog.items)
     _barrier(world)  # the new version is live before any process returns
     if rank > 0:
         folder, update = live_version(run.index_root), "n/a"
@@ -569,8 +569,11 @@ def _prepare_work(index_root: Path, work: Path, key: str, items: int, chunks: in
 
 def _publish(run: RunDir, config, work: Path, chunks: list[list[_Row]], rows: list[_Row], base: _Base | None,
              fingerprint: str, factory: str, digest: str, mode: str, embedded: int,
-             keep_versions: int) -> tuple[Path, str]:
-    """Process 0: check every chunk, assemble the vectors, update or build the index, write and go live."""
+             keep_versions: int, meta: pl.DataFrame | None = None) -> tuple[Path, str]:
+    """Process 0: check every chunk, assemble the vectors, update or build the index, write and go live.
+
+    ``meta``: the catalog's items table, whose other columns (year, genres, ...) are kept for ``where`` filters.
+    """
     if base is not None:
         try:
             live = live_version(run.index_root)
@@ -606,6 +609,7 @@ def _publish(run: RunDir, config, work: Path, chunks: list[list[_Row]], rows: li
         "content_hash": pl.Series("content_hash", [r.content_hash for r in rows], dtype=pl.Utf8),
         "searchable": pl.Series("searchable", [r.searchable for r in rows], dtype=pl.Boolean),
     })
+    items = with_metadata(items, meta)
     n = sum(r.searchable for r in rows)
     index, update = _updated_index(base, factory, mode, rows, vectors, items["faiss_id"].to_numpy(), n)
     if index is None:
@@ -622,6 +626,17 @@ def _publish(run: RunDir, config, work: Path, chunks: list[list[_Row]], rows: li
     shutil.rmtree(work, ignore_errors=True)  # published: nothing left to resume
     prune_versions(run.index_root, keep_versions)
     return folder, update
+
+
+def with_metadata(items: pl.DataFrame, meta: pl.DataFrame | None) -> pl.DataFrame:
+    """``items`` plus the catalog's other item columns (``year``, ``genres``...: what ``where`` filters read),
+    matched by item id; null on retired rows, which the catalog no longer has. Media paths are left out."""
+    if meta is None:
+        return items
+    extra = [c for c in meta.columns if c not in set(items.columns) | set(MEDIA_COLUMNS)]
+    if not extra:
+        return items
+    return items.join(meta.select(["item_id", *extra]), on="item_id", how="left", maintain_order="left")
 
 
 def _updated_index(base: _Base | None, factory: str, mode: str, rows: list[_Row], vectors: np.ndarray,

@@ -93,7 +93,8 @@ def _tiny_catalog_tables(ml100k: Path, audio_dir: Path):
     ).unique("item_id", keep="first")
     item_ids = sorted(top.to_list())
     items = (pl.DataFrame({"item_id": item_ids}).join(titles, on="item_id", how="left")
-             .join(tmdb, on="item_id", how="left"))
+             .join(tmdb, on="item_id", how="left")
+             .with_columns(pl.col("title").str.extract(r"\((\d{4})\)\s*$").cast(pl.Int64).alias("year")))
     media: dict[str, Path] = {}
     image_paths, audio_paths = [], []
     popular = top.head(len(TINY_AUDIO_CLIPS)).to_list()

@@ -330,8 +330,8 @@ def test_query_filters(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
     assert all(r["title"][-6:-2] == "(199" for r in out["items"]) and 50 not in [r["item_id"] for r in out["items"]]
     assert cli.main(base + ["--k", "1001"]) == 2
     assert _error_line(capsys, "query") == "towerrec query: error: --k must be from 1 to 1000, got 1001"
-    assert cli.main(base + ["--where", "year > 1990"]) == 2
-    assert "where: unknown column 'year'" in _error_line(capsys, "query")
+    assert cli.main(base + ["--where", "decade > 1990"]) == 2
+    assert "where: unknown column 'decade'" in _error_line(capsys, "query")
 
 
 # --- train: refusing, overwriting and interrupting ---------------------------------------------------------

@@ -50,7 +50,7 @@ def changed_catalog(source: Path, out: Path) -> dict:
     )
     added = pl.DataFrame({"item_id": list(NEW_IDS), "title": ["Brand New Film (2026)", "Another Premiere (2026)"],
                           "text": ["A heist in a lighthouse.", "Two robots open a bakery."],
-                          "image_path": [None, None], "audio_path": [None, None]},
+                          "image_path": [None, None], "audio_path": [None, None], "year": [2026, 2026]},
                          schema=items.schema)
     items = pl.concat([items, added])
     users = events["user_id"].unique().sort()[:6].to_list()

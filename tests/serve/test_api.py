@@ -194,7 +194,7 @@ LONG = "x" * 3000
     ("post", "/recommend", {"history": [1, 999_999]}, 400, "unknown item_id 999999 in history"),
     ("post", "/recommend", {"history": []}, 400, "empty history"),
     ("post", "/recommend", {"history": [1], "where": "year >"}, 400, "is not a valid condition"),
-    ("post", "/recommend", {"history": [1], "where": "year > 1990"}, 400, "where: unknown column 'year'"),
+    ("post", "/recommend", {"history": [1], "where": "decade > 1990"}, 400, "where: unknown column 'decade'"),
     ("post", "/recommend", {"history": [1], "allow": [999_999]}, 400, "unknown item_id 999999 in allow"),
     ("get", "/similar?item_id=999999", None, 404, "unknown item_id '999999'"),
     ("post", "/similar", {"item_id": 999_999}, 404, "unknown item_id 999999"),

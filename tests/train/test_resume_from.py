@@ -27,7 +27,8 @@ def newer_catalog(tiny_catalog: Path, tmp_path_factory) -> Path:
     delisted = int(events.group_by("item_id").len().sort(["len", "item_id"], descending=[False, False])["item_id"][0])
     new = pl.DataFrame({"item_id": NEW_IDS, "title": ["Brand New Film (2026)", "Another Premiere (2026)"],
                         "text": ["A heist in a lighthouse.", "Two robots open a bakery."],
-                        "image_path": [None, None], "audio_path": [None, None]}, schema=items.schema)
+                        "image_path": [None, None], "audio_path": [None, None], "year": [2026, 2026]},
+                       schema=items.schema)
     items = pl.concat([items.filter(pl.col("item_id") != delisted), new])
     users = events["user_id"].unique().sort()[:6].to_list()
     last = int(events["timestamp"].max())
