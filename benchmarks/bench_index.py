@@ -24,7 +24,7 @@ from faiss.contrib.datasets import SyntheticDataset
 from index import ann
 from index.store import build_faiss
 
-FACTORIES = ("Flat", "IVF4096,Flat", "IVF4096_HNSW32,Flat", "IVF4096,PQ32", "IVF4096,PQ32,RFlat", "HNSW32")
+FACTORIES = ("Flat", "IVF4096,Flat", "IVF4096,PQ32", "IVF4096,PQ32,RFlat", "IVF1024,PQ64x4fs,RFlat", "HNSW32")
 
 
 CLOCK = time.process_time  # see --clock
