@@ -9,10 +9,11 @@ lowest-ranked candidate. The candidate order is shuffled at every step against p
 - ``pointwise``: binary cross-entropy on the yes/no log-odds of the true item and ``rerank.negatives`` hard
   negatives drawn from the same top-N, all sharing the history's KV cache.
 
-Early stopping reads the validation NDCG@10 of the LLM-reranked top-N (validation users' validation target,
-history = their training items). The fusion weight of ``z(retrieval) + w * z(llm)`` is then tuned on the same
-validation users, never on test, and saved with the adapter in the run's ``rerank/`` folder, which
-``Recommender`` loads.
+Early stopping reads the validation NDCG@10 of the reranked top-N as it would be served: ``z(retrieval) +
+w * z(llm)`` with the fusion weight ``w`` that suits that adapter best on the validation users (their validation
+target, history = their training items), never on test. The best adapter and its weight are saved in the run's
+``rerank/`` folder, which ``Recommender`` loads. Step 0 is the zero-shot model (LoRA starts as the identity), so
+fine-tuning never serves anything worse on validation than the zero-shot reranker.
 
 The helpers that score a list of examples (:func:`retriever_candidates`, :func:`llm_scores`,
 :func:`rerank_metrics`, :func:`tune_weight`) also serve the benchmark (``benchmarks/bench_rerank.py``).
@@ -240,14 +241,17 @@ def train_reranker(run_dir: str | Path, mode: Literal["listwise", "pointwise"] |
     best = {"ndcg": -1.0, "step": 0, "state": None, "scores": None}
 
     def validate(step: int, loss: float) -> bool:
-        """Score the validation users; keep the adapter if it is the best so far. True = stop (patience)."""
+        """Score the validation users; keep the adapter if its reranked list (fused with the retrieval score at
+        the weight that suits it best) is the best so far. True = stop (patience)."""
         scores = llm_scores(rr, valid_ex, rec.titles, progress=False)
-        metrics = rerank_metrics(valid_ex, scores, LLM_ONLY)
-        history.append({"step": step, "loss": loss, "seconds": round(time.time() - t_start, 1), **metrics})
-        logger.info("reranker step %d loss %.4f valid ndcg@10 %.4f recall@10 %.4f (LLM alone)", step, loss,
-                    metrics["ndcg@10"], metrics["recall@10"])
-        if metrics["ndcg@10"] > best["ndcg"]:
-            best.update(ndcg=metrics["ndcg@10"], step=step, state=rr.adapter_state(), scores=scores)
+        alone = rerank_metrics(valid_ex, scores, LLM_ONLY)
+        weight, table = tune_weight(valid_ex, scores)
+        history.append({"step": step, "loss": loss, "seconds": round(time.time() - t_start, 1),
+                        "fused_ndcg@10": table[weight], "weight": weight, **alone})
+        logger.info("reranker step %d loss %.4f valid ndcg@10 %.4f fused (weight %g), %.4f LLM alone", step, loss,
+                    table[weight], weight, alone["ndcg@10"])
+        if table[weight] > best["ndcg"]:
+            best.update(ndcg=table[weight], step=step, state=rr.adapter_state(), scores=scores)
             best["bad"] = 0
         else:
             best["bad"] = best.get("bad", 0) + 1
@@ -295,7 +299,7 @@ def train_reranker(run_dir: str | Path, mode: Literal["listwise", "pointwise"] |
     valid = {
         "users": len(valid_ex),
         "retrieval": rerank_metrics(valid_ex, None, 0.0),
-        "zero_shot_llm_alone": {k: v for k, v in zero_shot.items() if "@" in k},
+        "zero_shot_llm_alone": {k: v for k, v in zero_shot.items() if "@" in k and not k.startswith("fused")},
         "zero_shot_weight": zero_shot_weight,  # the zero-shot reranker's own tuned fusion weight (for comparison)
         "zero_shot_fused": rerank_metrics(valid_ex, zero_shot_scores, zero_shot_weight),
         "fine_tuned_llm_alone": rerank_metrics(valid_ex, best["scores"], LLM_ONLY),
