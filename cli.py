@@ -7,6 +7,7 @@ ends with one line on stderr and exit code 2; anything else is a bug and keeps i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -114,12 +115,11 @@ def cmd_query(args) -> None:
         rec.set_search_params(nprobe=args.nprobe, ef_search=args.ef_search)
     results = rec.recommend(user_id=args.user, history=history, k=args.k,
                             rerank=None if args.rerank is None else args.rerank == "on",
-                            allow=allow, deny=deny, where=args.where)
+                            allow=allow, deny=deny, where=args.where, explain=args.explain)
     hist = history if history is not None else rec.history_of(args.user)
-    reasons = rec.explain(hist, list(results)) if args.explain else [None] * len(results)
     if args.json:
-        items = [r.__dict__ if x is None else {**r.__dict__, "reason": str(x), "reason_source": x.source}
-                 for r, x in zip(results, reasons)]
+        items = [{k: v for k, v in dataclasses.asdict(r).items() if args.explain or not k.startswith("reason")}
+                 for r in results]
         print(json.dumps({"version": results.version, "latency_ms": round(results.latency_ms, 3),
                           "items": items}, default=str))
         return
@@ -132,8 +132,8 @@ def cmd_query(args) -> None:
     for i, r in enumerate(results, 1):
         extra = f"  llm {r.rerank_score:+.3f}" if r.rerank_score is not None else ""
         print(f"  {i:2d}. {r.item_id}: {r.title}  (score {r.score:.3f}, retrieval {r.retrieval_score:.3f}{extra})")
-        if reasons[i - 1] is not None:
-            print(f"      {reasons[i - 1]}")
+        if r.reason is not None:
+            print(f"      {r.reason}")
     print(f"index version {results.version}, query {results.latency_ms:.1f} ms")
 
 

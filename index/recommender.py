@@ -7,6 +7,7 @@ FAISS index (already-seen items excluded), and optionally reranks the top candid
 from __future__ import annotations
 
 import logging
+import dataclasses
 import numbers
 import threading
 import time
@@ -40,7 +41,10 @@ class Recommendation:
     title: str
     score: float  # final score (after rerank when it ran)
     retrieval_score: float  # cosine similarity from the two towers
-    rerank_score: float | None = None  # LLM yes/no log-odds, when reranked
+    rerank_score: float | None = None  # the LLM reranker's score, when reranked
+    reason: str | None = None  # a short personalised reason, when asked for (``explain=True``)
+    reason_source: str | None = None  # "llm" (written by the LM, grounded in the history) or "template"
+    reason_cites: tuple = ()  # the history item ids the reason names
 
 
 MAX_K = 1000  # the most items one query returns
@@ -254,7 +258,7 @@ class Recommender:
 
     def recommend(self, user_id=None, history: Sequence | None = None, k: int = 10, rerank: bool | None = None,
                   exclude: Iterable | None = None, allow: Iterable | None = None, deny: Iterable | None = None,
-                  where: str | pl.Expr | None = None) -> Results:
+                  where: str | pl.Expr | None = None, explain: bool = False) -> Results:
         """Top-``k`` for a known user (``user_id``) or a new one (``history``: a list of item ids, oldest first).
 
         Args:
@@ -265,6 +269,8 @@ class Recommender:
             deny: these item ids are never recommended.
             where: a condition on the items table's columns, as a polars expression (``pl.col("year") > 1990``)
                 or SQL text (``"year > 1990 AND genres LIKE '%Drama%'"``); items where it is null do not pass.
+            explain: give each recommendation a short reason grounded in the history (:meth:`explain`; an LM
+                pass per query, so off by default): ``reason``, ``reason_source`` and ``reason_cites``.
 
         Returns a :class:`Results`: a list of :class:`Recommendation` (best first; fewer than ``k`` only when
         fewer items pass the filters) that also carries ``.version`` and ``.latency_ms``.
@@ -275,19 +281,22 @@ class Recommender:
         if user_id is not None and history is not None:
             raise QueryError("give either user_id or history, not both")
         return self._recommend(None if user_id is None else [user_id], None if history is None else [history],
-                               k, rerank, None if exclude is None else [exclude], allow, deny, where, started)[0]
+                               k, rerank, None if exclude is None else [exclude], allow, deny, where, started,
+                               explain)[0]
 
     def recommend_batch(self, user_ids: Sequence | None = None, histories: Sequence[Sequence] | None = None,
                         k: int = 10, rerank: bool | None = None, allow: Iterable | None = None,
-                        deny: Iterable | None = None, where: str | pl.Expr | None = None) -> list[Results]:
+                        deny: Iterable | None = None, where: str | pl.Expr | None = None,
+                        explain: bool = False) -> list[Results]:
         """:meth:`recommend` for many users or histories at once (one retrieval, one :class:`Results` each).
 
         ``allow``, ``deny`` and ``where`` apply to every query. Each result's ``latency_ms`` is the whole
         batch's: that is how long each of its queries waited.
         """
-        return self._recommend(user_ids, histories, k, rerank, None, allow, deny, where, time.perf_counter())
+        return self._recommend(user_ids, histories, k, rerank, None, allow, deny, where, time.perf_counter(), explain)
 
-    def _recommend(self, user_ids, histories, k, rerank, exclude, allow, deny, where, started: float) -> list[Results]:
+    def _recommend(self, user_ids, histories, k, rerank, exclude, allow, deny, where, started: float,
+                   explain: bool = False) -> list[Results]:
         """Shared body of :meth:`recommend` and :meth:`recommend_batch` (``exclude``: one list per query)."""
         _check_k(k)
         if (user_ids is None) == (histories is None):
@@ -314,8 +323,13 @@ class Recommender:
         lists = self._lists(hits)
         if rerank:
             lists = self.rerank_batch(histories, lists, k)
+        lists = [recs[:k] for recs in lists]
+        if explain:
+            lists = [[dataclasses.replace(r, reason=str(x), reason_source=x.source, reason_cites=tuple(x.cites))
+                      for r, x in zip(recs, self.explain(h, recs))] if recs else recs
+                     for h, recs in zip(histories, lists)]
         latency = (time.perf_counter() - started) * 1e3
-        return [Results(recs[:k], self.version.name, latency) for recs in lists]
+        return [Results(recs, self.version.name, latency) for recs in lists]
 
     def similar(self, item_id, k: int = 10, allow: Iterable | None = None, deny: Iterable | None = None,
                 where: str | pl.Expr | None = None) -> Results:
@@ -515,8 +529,6 @@ class Recommender:
     def rerank_batch(self, histories: Sequence[Sequence], candidate_lists: Sequence[list[Recommendation]],
                      k: int | None = None) -> list[list[Recommendation]]:
         """:meth:`rerank` for many users; listwise prompts of several users share a forward pass."""
-        import dataclasses
-
         if len(histories) != len(candidate_lists):
             raise QueryError(f"{len(histories)} histories for {len(candidate_lists)} candidate lists")
         depth = self.config.rerank.candidates

@@ -5,7 +5,8 @@ Endpoints (JSON in and out; every error is a JSON body ``{"error": message, "sta
     GET  /                          the page (self-contained HTML + JS, nothing from the network)
     GET  /health                    {"status": "ok", "version", "reload_error"}
     GET  /version                   live index version, run, item-tower fingerprint, manifest fields
-    POST /recommend                 {"user_id" | "history", "k", "rerank", "exclude", "allow", "deny", "where"}
+    POST /recommend                 {"user_id" | "history", "k", "rerank", "exclude", "allow", "deny", "where",
+                                     "explain"}
     GET  /similar?item_id=&k=&where=&allow=&deny=       items like an item
     POST /similar                   {"item_id", "k", "allow", "deny", "where"}
     GET  /users?offset=&limit=      known users and their history lengths
@@ -81,6 +82,7 @@ class RecommendRequest(BaseModel):
     allow: IdList | None = None  # return only these item ids
     deny: IdList | None = None  # never return these item ids
     where: Where | None = None  # polars SQL over item columns, e.g. "year > 1990"
+    explain: StrictBool = False  # a short reason per item, grounded in the history (an LM pass: slower)
 
     @model_validator(mode="after")
     def _one_user(self) -> RecommendRequest:
@@ -259,7 +261,7 @@ class Api:
         rec = served.rec
         user = self.user_key(served, req.user_id) if req.user_id is not None else None
         options = _options("recommend", rec.recommend, exclude=req.exclude, allow=req.allow, deny=req.deny,
-                           where=req.where)
+                           where=req.where, explain=req.explain or None)
         started = time.perf_counter()
         with served.lock:
             result = rec.recommend(user_id=user, history=req.history, k=req.k, rerank=req.rerank, **options)

@@ -124,6 +124,23 @@ def test_template_cites_the_most_similar_history_items(rec: Recommender, user, m
     assert unseen_title not in reasons[0].text
 
 
+def test_recommend_with_explain(rec: Recommender, user) -> None:
+    """explain=True on recommend and recommend_batch attaches the reasons :meth:`explain` gives, in order."""
+    recs = rec.recommend(user_id=user, k=3, rerank=False, explain=True)
+    plain = rec.recommend(user_id=user, k=3, rerank=False)
+    assert [r.item_id for r in recs] == [r.item_id for r in plain]
+    assert all(r.reason is None and r.reason_cites == () for r in plain)
+    reasons = rec.explain(user, plain)
+    assert [r.reason for r in recs] == [str(x) for x in reasons]
+    assert [r.reason_cites for r in recs] == [tuple(x.cites) for x in reasons]
+    assert all(set(r.reason_cites) <= set(rec.history_of(user)) for r in recs)
+    history = rec.history_of(user)[:4]
+    batch = rec.recommend_batch(user_ids=[user], k=3, rerank=False, explain=True)
+    assert [r.reason for r in batch[0]] == [r.reason for r in recs]
+    new_user = rec.recommend(history=history, k=2, rerank=False, explain=True)
+    assert all(r.reason_source in ("llm", "template") and set(r.reason_cites) <= set(history) for r in new_user)
+
+
 def test_explain_input_errors(rec: Recommender, user) -> None:
     with pytest.raises(QueryError, match="unknown user_id"):
         rec.explain("no-such-user", [1])

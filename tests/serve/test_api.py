@@ -81,6 +81,22 @@ def test_recommend_history_and_exclude(server, rec, user) -> None:
     assert _ids(dropped)[:5] == _ids(body)[2:]
 
 
+def test_recommend_explain(server, rec, user) -> None:
+    """explain=true gives each item a reason that cites only the user's history; off by default."""
+    body = _post(server, "/recommend", {"user_id": user, "k": 3, "rerank": False, "explain": True}).json()
+    want = rec.recommend(user_id=user, k=3, rerank=False, explain=True)
+    assert _ids(body) == [r.item_id for r in want]
+    history = set(rec.history_of(user))
+    for item, r in zip(body["items"], want):
+        assert item["reason"] == r.reason and item["reason"].startswith("Because you watched")
+        assert item["reason_source"] in ("llm", "template") and item["reason_cites"]
+        assert set(item["reason_cites"]) <= history
+    plain = _post(server, "/recommend", {"user_id": user, "k": 3, "rerank": False}).json()
+    assert all(i["reason"] is None for i in plain["items"])
+    bad = _post(server, "/recommend", {"user_id": user, "k": 3, "explain": "yes"})
+    assert bad.status_code == 422
+
+
 def test_filters_match_python_api(server, rec, user) -> None:
     """allow, deny and where (polars SQL over the index's item columns) pass through unchanged."""
     everything = [r.item_id for r in rec.recommend(user_id=user, k=1000, rerank=False)]
