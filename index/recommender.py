@@ -433,13 +433,34 @@ class Recommender:
             logger.warning("index %s has no stored vectors (%s) to tune its search parameters against; using %s",
                            self.version.name, RunDir.INDEX_VECTORS, self.knobs)
             return
-        tuning = ann.autotune(inner, np.asarray(self._stored[self._row_of], dtype=np.float32), target, apply=False)
+        tuning = ann.autotune(inner, np.asarray(self._stored[self._row_of], dtype=np.float32), target,
+                              queries=self._tuning_queries(), apply=False)
         self.knobs.update(tuning.knobs)
         try:
             ann.write_tuning(self.version, tuning)
         except OSError as err:
             logger.warning("could not record the tuning in %s (%s); it is used for this process only",
                            self.version, err)
+
+    def _tuning_queries(self, n: int = 1000, seed: int = 0) -> np.ndarray | None:
+        """Queries from the real query distribution for :func:`ann.autotune`: the user-tower embeddings of a
+        seeded sample of up to ``n`` known users' histories. ``None`` (autotune then samples item vectors) where
+        the run has no known users."""
+        users = sorted(u for u, h in self.histories.items() if len(h))
+        if not users:
+            return None
+        rng = np.random.default_rng(seed)
+        pick = [users[i] for i in rng.permutation(len(users))[:n]]
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                queries = self.embed_histories([self.histories[u] for u in pick])
+        except QueryError as err:  # a history this version cannot read (should not happen: retired items stay)
+            logger.warning("index %s: tuning on item vectors, not users (%s)", self.version.name, err)
+            return None
+        logger.info("index %s: %d known users' embeddings (%.1f s) are the tuning queries", self.version.name,
+                    len(pick), time.perf_counter() - t0)
+        return queries
 
     def _keep(self, allow, deny, where) -> np.ndarray | None:
         """Which indexed items (by internal id) pass ``allow``, ``deny`` and ``where``; ``None``: all of them."""

@@ -215,6 +215,8 @@ def test_ivf_index_parameters_are_tuned_recorded_and_reused(tiny_run: Path, tmp_
     with caplog.at_level(logging.INFO, logger="index"):
         rec = Recommender.load(run, device="cpu")
     assert "auto-tuned IndexIVFFlat: nprobe=" in caplog.text
+    # The tuning queries are the known users' own embeddings (the real query distribution), not item vectors.
+    assert f"{len(rec.histories)} known users' embeddings" in caplog.text
     record = ann.read_tuning(folder)
     assert record["target_recall"] == rec.config.index.target_recall == 0.95 and record["reached"]
     assert rec.knobs == record["knobs"] and 1 <= rec.knobs["nprobe"] <= 8 and record["recall"] >= 0.95
