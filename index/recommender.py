@@ -48,6 +48,7 @@ class Recommendation:
 
 
 MAX_K = 1000  # the most items one query returns
+EXPLAIN_CANDIDATES = 3  # a reason may quote the history items closest to the recommendation: this many
 
 
 class Results(list):
@@ -578,8 +579,9 @@ class Recommender:
 
         ``history_or_user`` is a known user id or a history (item ids, oldest first); ``recommendations`` are
         :class:`Recommendation` objects or item ids. The LM writes each reason (batched, at most
-        ``rerank.explain_tokens`` tokens), and inside quotes it can only write titles of the history items its
-        prompt shows. A reason that still names an item outside the history, or cites none, is replaced by a
+        ``rerank.explain_tokens`` tokens), and inside quotes it can only write the title of one of the
+        ``EXPLAIN_CANDIDATES`` history items (of those its prompt shows) closest to the recommendation by item
+        embedding. A reason that still names an item outside the history, or cites none, is replaced by a
         template citing the two history items most similar to the recommendation by item embedding
         (``source="template"``); ``llm=False`` gives the templates alone, with no LM pass.
         """
@@ -602,8 +604,10 @@ class Recommender:
             if getattr(self, "_explainer", None) is None or self._explainer.rr is not rr:
                 self._explainer = Explainer(rr)  # reads the tokenizer's vocabulary once
             profile = rr.history.build(rows)
-            texts = self._explainer.generate(profile.input_ids, [self.titles[r] for r in profile.items],
-                                           [self.titles[t] for t in targets])
+            shown = list(dict.fromkeys(profile.items))
+            # each recommendation may quote only the shown history items closest to it by item embedding
+            citable = [[self.titles[r] for r in self._most_similar(shown, t, EXPLAIN_CANDIDATES)] for t in targets]
+            texts = self._explainer.generate(profile.input_ids, citable, [self.titles[t] for t in targets])
         unique = list(dict.fromkeys(rows))
         reasons = []
         for target, text in zip(targets, texts):

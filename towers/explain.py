@@ -2,8 +2,9 @@
 
 The reranker's LM (without its adapter) continues a prompt that ends with ``Because you watched "``. Generation
 is batched, greedy and capped at ``rerank.explain_tokens``, and constrained (:class:`QuotedHistoryTitles`):
-inside double quotes the LM can only write, token by token, the title of an item of the history it was shown,
-so the items it cites are its own choice among those the user really saw.
+inside double quotes the LM can only write, token by token, the title of one of the history items closest to
+the recommendation by item embedding (``Recommender.explain`` passes three), so the item it cites is its own
+choice among history items the model really links to the recommendation.
 
 Every reason is then checked (:func:`ground`): it must cite at least one history item, and no title it names,
 quoted or not, may be outside the history (a free clause after the quotes could still name another film, or
@@ -104,7 +105,10 @@ def finish(generated: str, capped: bool) -> str:
     if line.count('"') % 2:  # generation stopped inside a title: keep what was closed
         line = re.sub(r"(\s*(,|;|and|&))*\s*$", "", line[: line.rfind('"')])
         capped = True
-    return line + ("…" if capped and not line.endswith((".", "!", "?")) else "")
+    line = re.sub(r'"\s*([^"]*?)\s*"', r'"\1"', line)  # a closing quote token may carry a space: '"Heat "'
+    if line.endswith((".", "!", "?")):
+        return line
+    return line + ("…" if capped else ".")
 
 
 class QuotedHistoryTitles(LogitsProcessor):
@@ -115,26 +119,34 @@ class QuotedHistoryTitles(LogitsProcessor):
     a quote may only be opened by a bare quote token (no token that merges a quote with other text).
     """
 
-    def __init__(self, titles: Sequence[Sequence[int]], quote_ids: set[int], merged_quote_ids: list[int], start: int):
-        self.next: dict[tuple, set[int]] = {}
-        self.complete = {tuple(t) for t in titles if t}
-        for t in self.complete:
-            for i in range(len(t)):
-                self.next.setdefault(t[:i], set()).add(t[i])
+    def __init__(self, titles: Sequence[Sequence[Sequence[int]]], quote_ids: set[int], merged_quote_ids: list[int],
+                 start: int):
+        """``titles[b]``: the allowed titles (token sequences) of batch row ``b``."""
+        self.next: list[dict[tuple, set[int]]] = []
+        self.complete: list[set[tuple]] = []
+        for row_titles in titles:
+            complete = {tuple(t) for t in row_titles if t}
+            nxt: dict[tuple, set[int]] = {}
+            for t in complete:
+                for i in range(len(t)):
+                    nxt.setdefault(t[:i], set()).add(t[i])
+            self.next.append(nxt)
+            self.complete.append(complete)
         self.quotes, self.merged, self.start = quote_ids, merged_quote_ids, start
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for b, row in enumerate(input_ids[:, self.start:].tolist()):
+            complete, nxt = self.complete[b], self.next[b]
             inside, since = True, ()
             for t in row:
-                if inside and t in self.quotes and since in self.complete:
+                if inside and t in self.quotes and since in complete:
                     inside = False
                 elif inside:
                     since += (t,)
                 elif t in self.quotes:
                     inside, since = True, ()
             if inside:
-                allowed = set(self.next.get(since, ())) | (self.quotes if since in self.complete else set())
+                allowed = set(nxt.get(since, ())) | (self.quotes if since in complete else set())
                 if allowed:
                     keep = scores[b, sorted(allowed)].clone()
                     scores[b] = float("-inf")
@@ -169,14 +181,24 @@ class Explainer:
         return ids
 
     @torch.inference_mode()
-    def generate(self, profile_ids: Sequence[int], cite_titles: Sequence[str], titles: Sequence[str]) -> list[str]:
+    def generate(self, profile_ids: Sequence[int], cite_titles: Sequence[str] | Sequence[Sequence[str]],
+                 titles: Sequence[str]) -> list[str]:
         """One reason text per recommended title, greedy, ``rerank.explain_tokens`` new tokens at most, quoting
-        only ``cite_titles`` (the history items the prompt shows)."""
+        only ``cite_titles``: one list for every title (the history items the prompt shows), or one list per
+        title (``Recommender.explain`` gives each recommendation its most similar history items)."""
         lm, tok = self.rr.lm, self.rr.tokenizer
         device = lm.get_output_embeddings().weight.device
         stop = {t for t in tok("\n", add_special_tokens=False)["input_ids"]} | {tok.eos_token_id}
         stop.discard(None)
-        allowed = [self.rr._encode(t) for t in dict.fromkeys(cite_titles)]
+        per_title = bool(cite_titles) and not isinstance(cite_titles[0], str)
+        if per_title and len(cite_titles) != len(titles):
+            raise ValueError(f"{len(cite_titles)} lists of citable titles for {len(titles)} recommendations")
+        encoded: dict[str, list[int]] = {}
+
+        def citable(ts: Sequence[str]) -> list[list[int]]:
+            return [encoded.setdefault(t, self.rr._encode(t)) for t in dict.fromkeys(ts)]
+
+        shared = None if per_title else citable(cite_titles)
         out: list[str] = []
         bs = self.rr.cfg.batch_size
         with self.rr.base_model():
@@ -188,6 +210,8 @@ class Explainer:
                 for i, p in enumerate(prompts):  # left-padded, so every row's next token comes at the same step
                     ids[i, width - len(p):] = torch.as_tensor(p)
                     mask[i, width - len(p):] = 1
+                rows = range(start, start + len(prompts))
+                allowed = [citable(cite_titles[i]) for i in rows] if per_title else [shared] * len(prompts)
                 constraint = QuotedHistoryTitles(allowed, self.quote_ids, self.merged_ids, width)
                 gen = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                   max_new_tokens=self.rr.cfg.explain_tokens, do_sample=False,

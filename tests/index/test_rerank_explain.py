@@ -4,6 +4,7 @@ name only items of the user's history (the LM is constrained, checked, and repla
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 
 import cli
 from errors import ConfigError, QueryError
-from index.recommender import Recommender
+from index.recommender import EXPLAIN_CANDIDATES, Recommender
 from towers.explain import Explainer, TitleMatcher, ground, normalise_title
 
 
@@ -84,6 +85,16 @@ def test_reasons_cite_only_the_history(rec: Recommender, user) -> None:
         quoted, unquoted = rec._title_matcher.mentions(str(reason))
         for name in quoted + unquoted:  # every title it names is a history item's
             assert set(rec._title_matcher.by_norm[name]) & set(rows)
+    # A written reason quotes only history items the model links to the recommendation: one of the
+    # EXPLAIN_CANDIDATES history items (of those its prompt shows) closest to it by item embedding.
+    shown = list(dict.fromkeys(rec.reranker.history.build(rows).items))
+    written = [(r, x) for r, x in zip(recs, reasons) if x.source == "llm"]
+    assert written, "the LM wrote no grounded reason at all"
+    for r, x in written:
+        near = rec._most_similar(shown, rec.index_items.row(r.item_id), EXPLAIN_CANDIDATES)
+        assert {rec.index_items.row(c) for c in x.cites} <= set(near), (x.text, [rec.titles[n] for n in near])
+        assert x.text.endswith((".", "!", "?", "…"))
+        assert all(q == q.strip() for q in re.findall(r'"([^"]*)"', x.text)), x.text
     # The same for a new user's history, and the templates alone.
     assert len(rec.explain(history[:3], [r.item_id for r in recs[:2]])) == 2
     templates = rec.explain(user, recs, llm=False)
