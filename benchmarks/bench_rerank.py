@@ -121,10 +121,10 @@ def quality_benchmark(args) -> dict:
             record["valid"] = rr.trained["valid"]["fused"]
             record["valid_llm_alone"] = rr.trained["valid"]["fine_tuned_llm_alone"]
             record["fine_tuning"] = {k: rr.trained.get(k) for k in ("seconds", "cpu_seconds", "threads", "steps",
-                                                                     "best_step", "train_users")}
+                                                                     "best_step", "train_users", "train_examples")}
             record["settings"] = {k: rr.trained["settings"][k] for k in (
                 "history_tokens", "title_tokens", "lora_rank", "lora_layers", "lr", "epochs", "train_batch",
-                "train_users", "eval_users", "max_minutes", "negatives", "permutations")}
+                "train_users", "train_positions", "eval_users", "max_minutes", "negatives", "permutations")}
         latencies: list[tuple[float, float]] = []
         scores = llm_scores(rr, test_ex, rec.titles, progress=args.progress, latencies=latencies)
         record["test"] = rerank_metrics(test_ex, scores, record["weight"])

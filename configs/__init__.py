@@ -230,6 +230,8 @@ class RerankConfig(_Checked):
     lora_layers: int = _bounded(0, ge=0)  # adapters on the top this-many layers only (0 = all); the frozen layers
     #                                       below run without gradients, which makes a step cheaper
     train_users: int = _bounded(0, ge=0)  # seeded sample of training users to fine-tune on (0 = all)
+    train_positions: int = _bounded(1, ge=1)  # examples per training user: its last training items, each after
+    #                                           the history before it (1 = the last training item only)
     eval_users: int = _bounded(200, ge=0)  # seeded sample of validation users for early stopping and the weight (0 = all)
     epochs: int = _bounded(2, ge=1)
     train_batch: int = _bounded(4, ge=1)  # training users per optimizer step

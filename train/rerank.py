@@ -64,12 +64,14 @@ class Example:
         return self.target in self.candidates
 
 
-def held_out_example(split: Split, u: int, which: Literal["train", "valid", "test"]) -> tuple[int, np.ndarray] | None:
-    """``(target, history)`` in split indices: ``train`` = last training item after the training prefix,
-    ``valid`` / ``test`` as in :func:`data.protocol.held_out`. ``None`` when the training prefix is empty."""
+def held_out_example(split: Split, u: int, which: Literal["train", "valid", "test"],
+                     back: int = 0) -> tuple[int, np.ndarray] | None:
+    """``(target, history)`` in split indices: ``train`` = the training item ``back`` positions before the last
+    one, after the training items before it; ``valid`` / ``test`` as in :func:`data.protocol.held_out`.
+    ``None`` when that history would be empty."""
     seq = split.sequences[u]
     if which == "train":
-        train_seq = seq[:-2]
+        train_seq = seq[:len(seq) - 2 - back]
         return (int(train_seq[-1]), train_seq[:-1]) if len(train_seq) >= 2 else None
     if which == "valid":
         return int(seq[-2]), seq[:-2]
@@ -86,16 +88,19 @@ def item_matrix(rec: Recommender) -> np.ndarray:
 
 
 def retriever_candidates(rec: Recommender, split: Split, users: Sequence[int], which: Literal["train", "valid", "test"],
-                         depth: int, batch_size: int = 256, progress: bool = False) -> list[Example]:
+                         depth: int, batch_size: int = 256, progress: bool = False,
+                         positions: int = 1) -> list[Example]:
     """The retriever's exact top-``depth`` for each user's ``which`` history, over the split's items, history
-    excluded (but never the target, as in :func:`data.protocol.held_out`)."""
+    excluded (but never the target, as in :func:`data.protocol.held_out`). For ``train``, ``positions`` > 1
+    also makes examples of the training items before the last one (each with the history before it)."""
     split_rows = np.asarray(rec._rows(split.item_ids, "split items"), dtype=np.int64)
     items = torch.from_numpy(item_matrix(rec)[split_rows])  # (I, D)
     tasks = []
     for u in users:
-        task = held_out_example(split, u, which)
-        if task is not None:
-            tasks.append((u, *task))
+        for back in range(positions if which == "train" else 1):
+            task = held_out_example(split, u, which, back)
+            if task is not None:
+                tasks.append((u, *task))
     out = []
     for start in tqdm(range(0, len(tasks), batch_size), desc=f"retrieving ({which})", disable=not progress):
         chunk = tasks[start:start + batch_size]
@@ -215,7 +220,8 @@ def train_reranker(run_dir: str | Path, mode: Literal["listwise", "pointwise"] |
     users = list(range(split.num_users))
     train_users = sorted(rng.sample(users, cfg.train_users)) if 0 < cfg.train_users < len(users) else users
     valid_users = sorted(rng.sample(users, cfg.eval_users)) if 0 < cfg.eval_users < len(users) else users
-    train_ex = retriever_candidates(rec, split, train_users, "train", cfg.candidates, progress=progress)
+    train_ex = retriever_candidates(rec, split, train_users, "train", cfg.candidates, progress=progress,
+                                    positions=cfg.train_positions)
     valid_ex = retriever_candidates(rec, split, valid_users, "valid", cfg.candidates, progress=progress)
     if not train_ex:
         raise QueryError(f"no training user of {run.path} has a training prefix to fine-tune on")
@@ -310,7 +316,8 @@ def train_reranker(run_dir: str | Path, mode: Literal["listwise", "pointwise"] |
     cpu_seconds = time.process_time() - cpu_start  # every thread's CPU time: on a shared machine, the honest cost
     rr.save_adapter(run.path, {
         "best_step": best["step"], "steps": step, "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
-        "threads": torch.get_num_threads(), "train_users": len(train_ex),
+        "threads": torch.get_num_threads(), "train_users": len({e.user for e in train_ex}),
+        "train_examples": len(train_ex),
         "settings": dataclasses.asdict(cfg), "valid": valid, "history": history,
     })
     logger.info("reranker (%s) saved: best step %d of %d, fusion weight %g, valid ndcg@10 %.4f -> %.4f",

@@ -60,6 +60,13 @@ def test_training_examples_stop_before_the_validation_item(rec: Recommender, spl
         assert len(e.candidates) == 10 and len(set(e.candidates)) == 10
         assert not (set(e.candidates) - {e.target}) & set(e.history)  # the history is excluded, never the target
         assert list(e.retrieval) == sorted(e.retrieval, reverse=True)
+    # More positions per user: each earlier training item after the history before it, never later items.
+    more = retriever_candidates(rec, split, users, "train", 10, positions=3)
+    assert len(more) == sum(max(0, min(3, len(s) - 3)) for s in split.sequences) > len(examples)
+    for e in more:
+        seq = [rec.index_items.row(split.item_ids[j]) for j in split.sequences[e.user]]
+        p = len(e.history)
+        assert 1 <= p <= len(seq) - 3 and seq[:p] == e.history and seq[p] == e.target
 
 
 def test_retriever_candidates_match_the_served_evaluation(rec: Recommender, split, tiny_run: Path) -> None:
