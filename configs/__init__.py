@@ -199,6 +199,7 @@ class UserTowerConfig(_Checked):
 
 
 RerankMode = Literal["listwise", "pointwise"]
+MissedTargets = Literal["insert", "skip"]
 
 LETTER_LABELS = 26  # listwise candidates are labelled (A) to (Z)
 
@@ -230,6 +231,9 @@ class RerankConfig(_Checked):
     lora_layers: int = _bounded(0, ge=0)  # adapters on the top this-many layers only (0 = all); the frozen layers
     #                                       below run without gradients, which makes a step cheaper
     train_users: int = _bounded(0, ge=0)  # seeded sample of training users to fine-tune on (0 = all)
+    # training examples whose target the retriever missed: "insert" it in place of the lowest-ranked candidate
+    # (LlamaRec), or "skip" them, so that training lists look like served ones (where a miss cannot be helped)
+    missed_targets: MissedTargets = "insert"
     train_positions: int = _bounded(1, ge=1)  # examples per training user: its last training items, each after
     #                                           the history before it (1 = the last training item only)
     eval_users: int = _bounded(200, ge=0)  # seeded sample of validation users for early stopping and the weight (0 = all)

@@ -228,6 +228,11 @@ def train_reranker(run_dir: str | Path, mode: Literal["listwise", "pointwise"] |
     logger.info("reranker fine-tuning (%s): %d training users (retriever top-%d holds the target for %.0f%%), "
                 "%d validation users (%.0f%%)", cfg.mode, len(train_ex), cfg.candidates,
                 100 * np.mean([e.hit for e in train_ex]), len(valid_ex), 100 * np.mean([e.hit for e in valid_ex]))
+    if cfg.missed_targets == "skip":
+        train_ex = [e for e in train_ex if e.hit]
+        if not train_ex:
+            raise QueryError(f"the retriever of {run.path} misses every training target in its top-{cfg.candidates}: "
+                             "nothing to fine-tune on with rerank.missed_targets=skip")
     for e in train_ex:  # the true item replaces the retriever's lowest-ranked candidate when it was missed
         if not e.hit:
             e.candidates[-1] = e.target

@@ -123,6 +123,33 @@ def test_fine_tune_listwise_saves_an_adapter_the_recommender_serves(run: Path, m
     assert {r.item_id for r in reranked} == {r.item_id for r in retrieved}
 
 
+def test_skipping_missed_targets_trains_on_served_like_lists(run: Path, monkeypatch) -> None:
+    """rerank.missed_targets=skip: only examples whose target the retriever found, its list left as retrieved."""
+    seen: list[Example] = []
+    real_loss = train_rerank._listwise_loss
+    found = {}
+    real_candidates = train_rerank.retriever_candidates
+
+    def spy_candidates(*args, **kwargs):
+        out = real_candidates(*args, **kwargs)
+        if args[3] == "train":
+            found.update({(e.user, e.target): list(e.candidates) for e in out})
+        return out
+
+    def spy(rr, batch, titles, rng):
+        seen.extend(batch)
+        return real_loss(rr, batch, titles, rng)
+
+    monkeypatch.setattr(train_rerank, "retriever_candidates", spy_candidates)
+    monkeypatch.setattr(train_rerank, "_listwise_loss", spy)
+    result = train_reranker(run, "listwise", [*FAST, "rerank.missed_targets=skip"], device="cpu", progress=False)
+    hits = [key for key, cands in found.items() if key[1] in cands]
+    assert 0 < len(hits) < len(found)  # the tiny retriever misses some training targets: they are left out
+    assert sorted((e.user, e.target) for e in seen) == sorted(hits)
+    assert all(e.candidates == found[(e.user, e.target)] for e in seen)  # nothing was inserted
+    assert result.steps == -(-len(hits) // 4)
+
+
 def test_cli_train_rerank_pointwise(run: Path, capsys) -> None:
     code = cli.main(["train-rerank", "--run", str(run), "--mode", "pointwise", "--quiet", "--device", "cpu",
                      *[a for s in FAST for a in ("--set", s)], "--set", "rerank.negatives=2"])
