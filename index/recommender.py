@@ -6,8 +6,8 @@ FAISS index (already-seen items excluded), and optionally reranks the top candid
 
 from __future__ import annotations
 
-import logging
 import dataclasses
+import logging
 import numbers
 import threading
 import time

@@ -225,9 +225,10 @@ def train_reranker(run_dir: str | Path, mode: Literal["listwise", "pointwise"] |
     valid_ex = retriever_candidates(rec, split, valid_users, "valid", cfg.candidates, progress=progress)
     if not train_ex:
         raise QueryError(f"no training user of {run.path} has a training prefix to fine-tune on")
-    logger.info("reranker fine-tuning (%s): %d training users (retriever top-%d holds the target for %.0f%%), "
-                "%d validation users (%.0f%%)", cfg.mode, len(train_ex), cfg.candidates,
-                100 * np.mean([e.hit for e in train_ex]), len(valid_ex), 100 * np.mean([e.hit for e in valid_ex]))
+    logger.info("reranker fine-tuning (%s): %d training examples of %d users (retriever top-%d holds the target "
+                "for %.0f%%), %d validation users (%.0f%%)", cfg.mode, len(train_ex), len({e.user for e in train_ex}),
+                cfg.candidates, 100 * np.mean([e.hit for e in train_ex]), len(valid_ex),
+                100 * np.mean([e.hit for e in valid_ex]))
     if cfg.missed_targets == "skip":
         train_ex = [e for e in train_ex if e.hit]
         if not train_ex:
