@@ -18,6 +18,6 @@ echo "== sample user =="
 cli query --run "$RUNS/ml100k/run" --user "${DEMO_USER:-1}" -k 10 --rerank on
 echo "== retrieval, all users (full ranking, history excluded) =="
 cli evaluate --run "$RUNS/ml100k/run" --rerank off --json --quiet
-echo "== LLM rerank of the top 20, seeded sample of ${DEMO_USERS:-20} users ('evaluate' without --users scores all) =="
-cli evaluate --run "$RUNS/ml100k/run" --users "${DEMO_USERS:-20}" --json --quiet
+echo "== LLM rerank of the top 20, seeded sample of ${DEMO_USERS:-10} users ('evaluate' without --users scores all) =="
+cli evaluate --run "$RUNS/ml100k/run" --users "${DEMO_USERS:-10}" --json --quiet
 echo "demo wall time: $(( $(date +%s) - start ))s"
