@@ -71,8 +71,11 @@ def held_out_example(split: Split, u: int, which: Literal["train", "valid", "tes
     ``None`` when that history would be empty."""
     seq = split.sequences[u]
     if which == "train":
-        train_seq = seq[:len(seq) - 2 - back]
-        return (int(train_seq[-1]), train_seq[:-1]) if len(train_seq) >= 2 else None
+        end = len(seq) - 2 - back  # never the validation or test item, nor a negative (wrapping) slice end
+        if end < 2:
+            return None
+        train_seq = seq[:end]
+        return int(train_seq[-1]), train_seq[:-1]
     if which == "valid":
         return int(seq[-2]), seq[:-2]
     if which == "test":

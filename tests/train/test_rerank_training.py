@@ -60,6 +60,11 @@ def test_training_examples_stop_before_the_validation_item(rec: Recommender, spl
         assert len(e.candidates) == 10 and len(set(e.candidates)) == 10
         assert not (set(e.candidates) - {e.target}) & set(e.history)  # the history is excluded, never the target
         assert list(e.retrieval) == sorted(e.retrieval, reverse=True)
+    # A short sequence has no example that far back (the slice must not wrap round to the held-out items).
+    short = next(u for u, s in enumerate(split.sequences) if len(s) >= 4)
+    n = len(split.sequences[short])
+    assert held_out_example(split, short, "train", n - 4) is not None
+    assert held_out_example(split, short, "train", n - 3) is None and held_out_example(split, short, "train", n) is None
     # More positions per user: each earlier training item after the history before it, never later items.
     more = retriever_candidates(rec, split, users, "train", 10, positions=3)
     assert len(more) == sum(max(0, min(3, len(s) - 3)) for s in split.sequences) > len(examples)
