@@ -23,19 +23,17 @@ Status codes:
 - 415: a body that is not JSON;
 - 422: a request that does not match the schema (``k`` outside 1..1000, a wrong type, an unknown field,
   neither or both of ``user_id`` and ``history``);
-- 501: a query option the installed ``Recommender`` does not take;
 - 500: only a bug (logged with its traceback).
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import socket
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -193,28 +191,6 @@ class BodySizeLimit:
 # --- answers ------------------------------------------------------------------------------------------------
 
 
-def _supports(fn: Callable, names) -> list[str]:
-    """The keyword arguments among ``names`` that ``fn`` does not accept."""
-    params = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return []
-    return [n for n in names if n not in params]
-
-
-def _options(what: str, fn: Callable, **options) -> dict:
-    """The options that were given, refused with 501 if this Recommender does not take one of them."""
-    given = {name: value for name, value in options.items() if value is not None}
-    missing = _supports(fn, given)
-    if missing:
-        raise HTTPException(501, f"{what}: this towerrec's Recommender does not support {', '.join(missing)}")
-    return given
-
-
-def _version_name(result, served: Served) -> str:
-    version = getattr(result, "version", None)
-    return served.name if version is None else Path(str(version)).name
-
-
 class Api:
     """The handlers' shared state: the live recommender and the catalog media."""
 
@@ -236,18 +212,10 @@ class Api:
             raise HTTPException(404, f"unknown item_id {item_id!r}: not in index {served.name} nor the catalog")
         return {"item_id": key, "title": self.media.titles.get(key) or "", "image": self.image_url(key)}
 
-    def result(self, served: Served, result, started: float) -> JSONResponse:
-        items = []
-        for r in result:
-            row = asdict(r) if is_dataclass(r) else dict(vars(r))
-            row["image"] = self.image_url(r.item_id)
-            items.append(row)
-        latency = getattr(result, "latency_ms", None)
-        return JSONResponse({
-            "version": _version_name(result, served),
-            "latency_ms": round(float(latency if latency is not None else (time.perf_counter() - started) * 1e3), 3),
-            "items": items,
-        })
+    def result(self, result) -> JSONResponse:
+        """A :class:`Results` as JSON: its version, its latency and its items with their image links."""
+        items = [{**asdict(r), "image": self.image_url(r.item_id)} for r in result]
+        return JSONResponse({"version": result.version, "latency_ms": round(result.latency_ms, 3), "items": items})
 
     def user_key(self, served: Served, user_id):
         """The stored form of a known user id; 404 for an unknown one."""
@@ -258,27 +226,20 @@ class Api:
 
     def recommend(self, req: RecommendRequest) -> JSONResponse:
         served = self.live.current  # this request's version, to the end
-        rec = served.rec
         user = self.user_key(served, req.user_id) if req.user_id is not None else None
-        options = _options("recommend", rec.recommend, exclude=req.exclude, allow=req.allow, deny=req.deny,
-                           where=req.where, explain=req.explain or None)
-        started = time.perf_counter()
         with served.lock:
-            result = rec.recommend(user_id=user, history=req.history, k=req.k, rerank=req.rerank, **options)
-        return self.result(served, result, started)
+            result = served.rec.recommend(user_id=user, history=req.history, k=req.k, rerank=req.rerank,
+                                          exclude=req.exclude, allow=req.allow, deny=req.deny, where=req.where,
+                                          explain=req.explain)
+        return self.result(result)
 
     def similar(self, item_id, k: int, allow, deny, where) -> JSONResponse:
         served = self.live.current
-        rec = served.rec
-        if not hasattr(rec, "similar"):
-            raise HTTPException(501, "similar: this towerrec's Recommender has no similar() yet")
-        if not any(form in rec.index_items for form in id_forms(item_id)):
+        if not any(form in served.rec.index_items for form in id_forms(item_id)):
             raise HTTPException(404, f"unknown item_id {item_id!r}: not in index {served.name}")
-        options = _options("similar", rec.similar, allow=allow, deny=deny, where=where)
-        started = time.perf_counter()
         with served.lock:
-            result = rec.similar(item_id, k=k, **options)
-        return self.result(served, result, started)
+            result = served.rec.similar(item_id, k=k, allow=allow, deny=deny, where=where)
+        return self.result(result)
 
 
 def create_app(live: LiveRecommender, media: CatalogMedia, max_body: int = MAX_BODY, watch: bool = True,
