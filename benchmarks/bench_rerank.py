@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs import RerankConfig  # noqa: E402
 from towers.hub import load_tokenizer  # noqa: E402
-from towers.rerank import LLMReranker  # noqa: E402
+from towers.rerank import LLMReranker, adapter_paths  # noqa: E402
 
 VARIANTS = ("zero-shot-pointwise", "zero-shot-listwise", "pointwise", "listwise")
 
@@ -104,7 +104,10 @@ def quality_benchmark(args) -> dict:
             continue
         t0 = time.time()
         record = {"mode": mode}
-        tuned = rec.build_reranker().trained if zero_shot and args.zero_shot_weight == "record" else None
+        tuned = None  # train-rerank's record for this mode, read without loading a second LM
+        record_path = adapter_paths(run.path, mode)[1]
+        if zero_shot and args.zero_shot_weight == "record" and record_path.is_file():
+            tuned = json.loads(record_path.read_text())
         if tuned is not None and "zero_shot_weight" in tuned["valid"]:
             # train-rerank already scored its validation users with the zero-shot model (its step 0)
             record["weight"] = tuned["valid"]["zero_shot_weight"]
