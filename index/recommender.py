@@ -103,6 +103,8 @@ class Recommender:
         self.tokenizer = load_tokenizer(self.config.user.model)
         self.builder = profile_builder(self.config, items, self.tokenizer)
         self._reranker = None
+        self._explainer = None  # reasons: built on first use, for the reranker's LM (towers.explain.Explainer)
+        self._matcher = None  # catalog titles for grounding reasons (towers.explain.TitleMatcher)
         # Item-sequence user tower: history items are read as their item embeddings (kept beside the index)
         # and, for an own input table, their id-table rows (-1 for items without one).
         self.vectors = vectors
@@ -601,7 +603,7 @@ class Recommender:
         texts = [None] * len(targets)
         if llm:
             rr = self.reranker
-            if getattr(self, "_explainer", None) is None or self._explainer.rr is not rr:
+            if self._explainer is None or self._explainer.rr is not rr:
                 self._explainer = Explainer(rr)  # reads the tokenizer's vocabulary once
             profile = rr.history.build(rows)
             shown = list(dict.fromkeys(profile.items))
@@ -624,7 +626,7 @@ class Recommender:
     def _title_matcher(self):
         from towers.explain import TitleMatcher
 
-        if getattr(self, "_matcher", None) is None:
+        if self._matcher is None:
             self._matcher = TitleMatcher(self.titles)
         return self._matcher
 
