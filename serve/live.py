@@ -105,8 +105,9 @@ class LiveRecommender:
                 logger.error("keeping index version %s: cannot load %s", self._current.name, self.reload_error,
                              exc_info=not isinstance(err, TowerrecError))
                 return False
-            old, self._current = self._current.name, served  # the swap: one reference assignment
+            # The error is cleared first, so whoever sees the new version never sees the old version's error.
             self._failed, self.reload_error = None, None
+            old, self._current = self._current.name, served  # the swap: one reference assignment
             logger.warning("now serving index version %s (was %s)", name, old)
             return True
 
