@@ -193,6 +193,11 @@ class UserTowerConfig(_Checked):
     # items input, pretrained init: also add each item's title, as the mean of the LLM's own token embeddings of
     # it, to its position, so the pretrained layers read what they were trained on and not only a projection
     item_titles: bool = False
+    # items input, pretrained init: a first position holding the text-profile state of the history older than
+    # the max_len items read (the frozen LLM's mean state over the profile prompt of those items, at
+    # prefix_layer layers; a learned vector when there is none). Older items only, so no position sees its target
+    profile_prefix: bool = False
+    prefix_layer: int = _bounded(0, ge=0)  # layers of the frozen LLM that reads the prefix profile (0 = all)
     random_layers: int = _bounded(2, ge=1)  # init "random": decoder layers
     random_hidden: int = _bounded(64, ge=8)  # init "random": hidden size (heads of 32 dims)
     gradient_checkpointing: bool = False  # recompute LLM activations in backward (less memory, more compute)
@@ -274,6 +279,9 @@ class TrainConfig(_Checked):
     num_negatives: int = _bounded(1024, ge=1)  # uniform negatives per step for the sampled softmax
     warmup: float = _bounded(0.05, ge=0, lt=1)  # fraction of steps of linear warmup, then cosine decay to 0
     grad_accum: int = _bounded(1, ge=1)  # micro-batches per optimizer step
+    # items input: windows are shuffled, then sorted by length within pools of length_buckets batches, so a
+    # batch pads to a length near its own windows' (batch order is shuffled again); 0 = plain random batches
+    length_buckets: int = _bounded(0, ge=0)
     llm_lr: float = _bounded(0.0, ge=0)  # learning rate of the LLM's own weights (0 = lr)
     resumable: bool = False  # items input: save the training state after every epoch, for `train --resume`
     device: str = _checked("auto", _device)  # "auto", "cpu", "cuda", "cuda:N" or "mps"; "cuda" without CUDA is an error

@@ -30,7 +30,7 @@ from index.store import live_version, read_vectors, read_version
 from towers.device import resolve_device
 from towers.factory import TwoTower, item_fingerprint, load_towers
 from towers.hub import load_tokenizer
-from towers.sequence import title_table
+from towers.sequence import ProfilePrefixes, title_table
 
 logger = logging.getLogger(__name__)
 
@@ -235,9 +235,14 @@ class Recommender:
         """
         max_len, dim = self.config.user.max_len, self.config.dim
         use_table = getattr(self.model.user, "table", None) is not None
+        prefixes = None  # user.profile_prefix: the profile state of what is older than the last max_len items
+        if getattr(self.model.user, "profile", None) is not None:
+            prefixes = ProfilePrefixes(self.model, self.builder, self.tokenizer.pad_token_id,
+                                       self.config.user.batch_size)
         out = []
         for start in range(0, len(rows_of), 256):
             chunk = [np.asarray(r[-max_len:], dtype=np.int64) for r in rows_of[start:start + 256]]
+            prefix = None if prefixes is None else prefixes([r[:-max_len] for r in rows_of[start:start + 256]])
             width = max(len(r) for r in chunk)
             x = np.zeros((len(chunk), width, dim), dtype=np.float32)  # (B, T, D)
             mask = np.zeros((len(chunk), width), dtype=np.int64)
@@ -255,7 +260,7 @@ class Recommender:
                 titles = self.title_vectors[rows.to(self.title_vectors.device)]
             emb = self.model.user.encode_users(
                 torch.from_numpy(x).to(self.device), torch.from_numpy(mask).to(self.device),
-                torch.from_numpy(id_rows).to(self.device) if use_table else None, titles)
+                torch.from_numpy(id_rows).to(self.device) if use_table else None, titles, prefix)
             out.append(emb.float().cpu().numpy())
         return np.concatenate(out)
 

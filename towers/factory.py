@@ -53,6 +53,8 @@ class TwoTower(nn.Module):
         user = self.config.user
         if user.init == "pretrained" and user.strategy in ("frozen", "lora"):
             out.append("user.llm.")  # under LoRA only the adapters train: see is_saved
+        if user.input == "items" and user.profile_prefix:
+            out.append("user.profile.")  # the frozen LLM that reads the prefix profile
         if self.item.text is not None and not self.config.item.text.trainable:
             out.append("item.text.backbone.")
         if self.item.image is not None and not self.config.item.image.trainable and self.config.item.image.pretrained:

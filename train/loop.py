@@ -37,7 +37,7 @@ from train.distributed import init_distributed
 from train.features import frozen_features
 from train.losses import info_nce
 from train.selection import BestEpoch
-from train.sequence import evaluate_sequences, fit_sequence
+from train.sequence import evaluate_sequences, fit_sequence, prefix_profiles
 
 logger = logging.getLogger(__name__)
 
@@ -331,13 +331,15 @@ def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress
             init_from_run(model, resume_from, data.split_items)
         bank = build_item_bank(config, model, data, device, progress and rank == 0)
         if config.user.input == "items":  # the LLM reads item embeddings: see train/sequence.py
-            titles = title_table(model, data.catalog.items["title"].gather(data.split_rows).to_list())
+            split_items = data.catalog.items[data.split_rows]
+            titles = title_table(model, split_items["title"].to_list())
+            prefixes = prefix_profiles(model, config, split_items)  # None unless user.profile_prefix
             best_epoch, history = fit_sequence(config, model, bank, data.split, device, progress, resume_path,
-                                               titles)
+                                               titles, prefixes)
             with torch.no_grad():  # step 6: the best epoch on all validation users, then test, scored once
                 item_emb = bank.encode(model)
-                valid = evaluate_sequences(model, data.split, item_emb, "valid", titles=titles)
-                test = evaluate_sequences(model, data.split, item_emb, "test", titles=titles)
+                valid = evaluate_sequences(model, data.split, item_emb, "valid", titles=titles, prefixes=prefixes)
+                test = evaluate_sequences(model, data.split, item_emb, "test", titles=titles, prefixes=prefixes)
         else:
             states = build_user_states(config, model, data, device, progress)
             best_epoch, history = fit(config, model, states, bank, data.split, device, progress)

@@ -37,11 +37,16 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Windows:
     """Training windows, right-padded: ``inputs (W, L)`` split item indices, ``mask (W, L)``, and ``targets
-    (W, L)``: the next item at each position, ``-1`` where there is none to train on."""
+    (W, L)``: the next item at each position, ``-1`` where there is none to train on. ``users (W,)`` and
+    ``starts (W,)`` say where each window begins in its user's training items (what is older than it);
+    ``prefix (W, H')`` holds their older histories' profile states under ``user.profile_prefix``."""
 
     inputs: torch.Tensor
     mask: torch.Tensor
     targets: torch.Tensor
+    users: torch.Tensor | None = None
+    starts: torch.Tensor | None = None
+    prefix: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -49,7 +54,7 @@ class Windows:
 
 def training_windows(split: Split, max_len: int) -> Windows:
     """Every user's training items as windows of ``max_len`` inputs, each training target predicted once."""
-    rows_in, rows_t = [], []
+    rows_in, rows_t, users, starts = [], [], [], []
     for u in range(split.num_users):
         train = split.train_seq(u)
         end = len(train)
@@ -58,13 +63,40 @@ def training_windows(split: Split, max_len: int) -> Windows:
             window = train[start:end]
             rows_in.append(window[:-1])
             rows_t.append(window[1:])
+            users.append(u)
+            starts.append(start)
             end = start + 1
-    return Windows(*_pad(rows_in, max_len), _pad(rows_t, max_len, fill=-1)[0])
+    return Windows(*_pad(rows_in, max_len), _pad(rows_t, max_len, fill=-1)[0], torch.tensor(users),
+                   torch.tensor(starts))
+
+
+def older_histories(split: Split, windows: Windows) -> list[np.ndarray]:
+    """Each window's older history: its user's training items before the window's first input."""
+    return [split.train_seq(int(u))[: int(s)] for u, s in zip(windows.users, windows.starts)]
+
+
+def prefix_profiles(model: TwoTower, config: Config, split_items, progress: bool = False):
+    """The :class:`towers.sequence.ProfilePrefixes` of a model with ``user.profile_prefix`` over split items
+    (``split_items``: their catalog rows, in split order); None without a prefix."""
+    if model.user.profile is None:
+        return None
+    from data.profiles import profile_builder
+    from towers.hub import load_tokenizer
+    from towers.sequence import ProfilePrefixes
+
+    tokenizer = load_tokenizer(config.user.model)
+    return ProfilePrefixes(model, profile_builder(config, split_items, tokenizer), tokenizer.pad_token_id,
+                           config.user.batch_size)
 
 
 def eval_sequences(split: Split, users: list[int], which: str, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``(inputs, mask)`` of each user's history before the ``which`` target (last ``max_len``)."""
     return _pad([held_out(split, u, which)[1][-max_len:] for u in users], max_len)
+
+
+def eval_older(split: Split, users: list[int], which: str, max_len: int) -> list[np.ndarray]:
+    """What :func:`eval_sequences` leaves out: each history before the ``which`` target but its last ``max_len``."""
+    return [held_out(split, u, which)[1][:-max_len] for u in users]
 
 
 def _pad(rows: list[np.ndarray], width: int, fill: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,26 +109,40 @@ def _pad(rows: list[np.ndarray], width: int, fill: int = 0) -> tuple[torch.Tenso
 
 
 def sequence_user_embeddings(model: TwoTower, item_emb: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor,
-                             batch_size: int = 256, titles: torch.Tensor | None = None) -> torch.Tensor:
-    """``(U, D)`` user embeddings after each history's last item; ``item_emb (I, D)`` gives the inputs and
-    ``titles (I, H)`` (``user.item_titles``) their title embeddings."""
-    out = []
+                             batch_size: int = 256, titles: torch.Tensor | None = None,
+                             prefix: torch.Tensor | None = None) -> torch.Tensor:
+    """``(U, D)`` user embeddings after each history's last item; ``item_emb (I, D)`` gives the inputs,
+    ``titles (I, H)`` (``user.item_titles``) their title embeddings and ``prefix (U, H')`` the older histories'
+    profile states (``user.profile_prefix``).
+
+    Histories are batched by length (longest first), and each batch is cut to its own longest history, so
+    short histories do not pay for long ones; the rows come back in the order given."""
     device = item_emb.device
+    lengths = mask.sum(1)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    out = item_emb.new_zeros((len(inputs), item_emb.shape[1]))
     for start in range(0, len(inputs), batch_size):
-        x, m = inputs[start:start + batch_size].to(device), mask[start:start + batch_size].to(device)
-        out.append(model.user.encode_users(item_emb[x], m, x if model.user.table is not None else None,
-                                           None if titles is None else titles[x]))
-    return torch.cat(out) if out else item_emb.new_zeros((0, item_emb.shape[1]))
+        rows = order[start:start + batch_size]
+        width = max(1, int(lengths[rows].max()))
+        x, m = inputs[rows, :width].to(device), mask[rows, :width].to(device)
+        p = None if prefix is None else prefix[rows.to(prefix.device)]
+        out[rows.to(device)] = model.user.encode_users(item_emb[x], m, x if model.user.table is not None else None,
+                                                       None if titles is None else titles[x], p).to(out.dtype)
+    return out
 
 
 @torch.no_grad()
 def evaluate_sequences(model: TwoTower, split: Split, item_emb: torch.Tensor, which: str,
-                       users: list[int] | None = None, titles: torch.Tensor | None = None) -> dict[str, float]:
-    """Full-ranking metrics over all split items for ``which`` in (valid, test), history excluded."""
+                       users: list[int] | None = None, titles: torch.Tensor | None = None,
+                       prefixes=None) -> dict[str, float]:
+    """Full-ranking metrics over all split items for ``which`` in (valid, test), history excluded.
+
+    ``prefixes``: the :func:`prefix_profiles` of a model with ``user.profile_prefix``."""
     users = list(range(split.num_users)) if users is None else users
-    inputs, mask = eval_sequences(split, users, which, model.config.user.max_len)
-    width = max(1, int(mask.sum(1).max()))
-    u = sequence_user_embeddings(model, item_emb, inputs[:, :width], mask[:, :width], titles=titles)
+    max_len = model.config.user.max_len
+    inputs, mask = eval_sequences(split, users, which, max_len)
+    prefix = None if prefixes is None else prefixes(eval_older(split, users, which, max_len))
+    u = sequence_user_embeddings(model, item_emb, inputs, mask, titles=titles, prefix=prefix)
     ranks = []
     for start in range(0, len(users), 512):
         idx = users[start:start + 512]
@@ -135,7 +181,7 @@ class NextItemLoss(nn.Module):
         self.modality_dropout, self.autocast = modality_dropout, autocast
 
     def forward(self, inputs: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor,
-                uniform: torch.Tensor | None = None) -> torch.Tensor:
+                uniform: torch.Tensor | None = None, prefix: torch.Tensor | None = None) -> torch.Tensor:
         model, dev = self.model, inputs.device
         keep = targets >= 0
         t = targets[keep]  # (n,) this process's positives
@@ -149,7 +195,7 @@ class NextItemLoss(nn.Module):
                 pos_of[needed] = torch.arange(len(needed), device=dev)
             x = emb[inputs] if pos_of is None else emb[pos_of[inputs]]  # (B, T, D)
             states = model.user.encode_sequence(x, mask, inputs if model.user.table is not None else None,
-                                                None if self.titles is None else self.titles[inputs])
+                                                None if self.titles is None else self.titles[inputs], prefix)
             u = states[keep].float()  # (n, D)
         scale = world / max(1, len(t_all))
         if pos_of is None:  # full softmax: every training item is a candidate
@@ -222,21 +268,37 @@ class SequenceTrainer:
         if not self.full:
             uniform = torch.randint(0, self.split.num_items, (self.config.train.num_negatives,),
                                     generator=self.gen).to(self.device)
-        return self.step_fn(inputs, mask, targets, uniform)
+        prefix = None if self.windows.prefix is None else self.windows.prefix[idx].to(self.device)
+        return self.step_fn(inputs, mask, targets, uniform, prefix)
 
-    def epoch(self, desc: str = "", progress: bool = True) -> float:
-        """One pass over the windows in a fresh random order; returns the mean loss."""
+    def batches(self) -> list[list[int]]:
+        """This epoch's global batches of window indices: a fresh random order, or with
+        ``train.length_buckets`` = B, windows of similar length together (sorted within random pools of B
+        batches, then the batches shuffled), which cuts the padding of catalogs with short histories."""
         tc = self.config.train
         order = list(range(len(self.windows)))
         self.rng.shuffle(order)
+        if tc.length_buckets:
+            lengths = self.windows.mask.sum(1).tolist()
+            pool = tc.length_buckets * tc.batch_size
+            order = [i for s in range(0, len(order), pool)
+                     for i in sorted(order[s:s + pool], key=lambda w: -lengths[w])]
+        batches = [order[s:s + tc.batch_size] for s in range(0, len(order), tc.batch_size)]
+        if tc.length_buckets:
+            self.rng.shuffle(batches)
+        return batches
+
+    def epoch(self, desc: str = "", progress: bool = True) -> float:
+        """One pass over the windows (see :meth:`batches`); returns the mean loss."""
+        tc = self.config.train
         self.model.train()
         if self.config.user.strategy == "frozen":
             self.model.user.llm.eval()  # no dropout inside a frozen LLM
         losses = []
-        batches = range(0, len(order), tc.batch_size)
+        batches = self.batches()
         self.optim.zero_grad(set_to_none=True)
-        for k, start in enumerate(tqdm(batches, desc=desc, leave=False, disable=not progress or self.rank > 0)):
-            loss = self.loss(torch.as_tensor(order[start:start + tc.batch_size]))
+        for k, batch in enumerate(tqdm(batches, desc=desc, leave=False, disable=not progress or self.rank > 0)):
+            loss = self.loss(torch.as_tensor(batch))
             (loss / tc.grad_accum).backward()
             losses.append(loss.item() / self.world)
             if (k + 1) % tc.grad_accum == 0 or k == len(batches) - 1:
@@ -268,8 +330,11 @@ class SequenceTrainer:
 
 
 def fit_sequence(config: Config, model: TwoTower, bank, split: Split, device, progress: bool = True,
-                 resume_path: Path | None = None, titles: torch.Tensor | None = None) -> tuple[int, list[dict]]:
+                 resume_path: Path | None = None, titles: torch.Tensor | None = None,
+                 prefixes=None) -> tuple[int, list[dict]]:
     """Train with early stopping on validation NDCG@10; the model ends with its best epoch's weights.
+
+    ``prefixes``: the :func:`prefix_profiles` of a model with ``user.profile_prefix`` (required then).
 
     With ``resume_path``, the whole training state is saved there after every epoch (atomically), and
     training continues from it when it exists.
@@ -278,7 +343,12 @@ def fit_sequence(config: Config, model: TwoTower, bank, split: Split, device, pr
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     windows = training_windows(split, config.user.max_len)
+    if prefixes is not None:  # the frozen LLM reads every window's older history once
+        windows.prefix = prefixes(older_histories(split, windows)).cpu()
+        logger.info("prefix profiles of %d older histories", len(prefixes.cache))
     if config.user.init == "pretrained" and not model.user.calibrated:  # not when continuing a trained run
+        if windows.prefix is not None:
+            model.user.calibrate_prefix(windows.prefix)
         calibrate_states(model, bank, windows, device, config.train.seed, titles)
     trainer = SequenceTrainer(config, model, bank, split, device, windows, titles)
     logger.info("%d training windows, %s softmax, %d process(es)", len(windows),
@@ -296,7 +366,7 @@ def fit_sequence(config: Config, model: TwoTower, bank, split: Split, device, pr
         loss = trainer.epoch(f"epoch {epoch}", progress)
         model.eval()
         with torch.no_grad():
-            valid = evaluate_sequences(model, split, bank.encode(model), "valid", eval_users, titles)
+            valid = evaluate_sequences(model, split, bank.encode(model), "valid", eval_users, titles, prefixes)
         stop = best.update(model, epoch, loss, valid, lr=trainer.scheduler.get_last_lr()[0])
         if resume_path is not None and trainer.rank == 0:
             save_resume_state(resume_path, {"trainer": trainer.state_dict(), "selection": best.state_dict()})
@@ -316,7 +386,8 @@ def calibrate_states(model: TwoTower, bank, windows: Windows, device, seed: int,
         pick = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))[:sample]
         x, m = windows.inputs[pick].to(device), windows.mask[pick].to(device)
         model.user.calibrate(item_emb[x], m, x if model.user.table is not None else None,
-                             None if titles is None else titles[x])
+                             None if titles is None else titles[x],
+                             None if windows.prefix is None else windows.prefix[pick].to(device))
 
 
 def save_resume_state(path: Path, state: dict) -> None:

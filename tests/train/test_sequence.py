@@ -12,6 +12,7 @@ import torch
 
 from configs import load_config
 from data.protocol import Split
+from data.rundir import RunDir
 from towers.factory import build_towers, is_saved, load_towers
 from train.losses import inclusion_logq, info_nce
 from train.sequence import eval_sequences, training_windows
@@ -136,8 +137,9 @@ def test_lora_checkpoint_round_trip(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("extra", [[], ["user.input_table=both", "user.strategy=lora"],
                                    ["train.loss=sampled", "train.num_negatives=16", "user.init=random"],
-                                   ["user.item_titles=true", "user.strategy=top_k", "user.top_k=1"]],
-                         ids=["shared-full", "both-lora", "sampled-random", "titles-topk"])
+                                   ["user.item_titles=true", "user.strategy=top_k", "user.top_k=1"],
+                                   ["user.profile_prefix=true", "user.max_len=4", "user.strategy=lora"]],
+                         ids=["shared-full", "both-lora", "sampled-random", "titles-topk", "prefix-lora"])
 def test_served_evaluation_equals_training(tiny_catalog: Path, tmp_path: Path, extra: list[str]) -> None:
     """The served path (index vectors, Recommender, evaluate) reproduces the training loop's test metrics."""
     from index.build import build_index
@@ -207,3 +209,108 @@ def test_pretrained_layers_get_inputs_at_their_token_scale_and_standardised_stat
 
     rand = build_towers(load_config("tiny", [*ITEMS, "user.init=random"]))
     assert rand.user.input_rms is None
+
+
+def test_length_buckets_cover_every_window_once_and_cut_padding() -> None:
+    from train.sequence import SequenceTrainer
+
+    split = _split([3, 4, 5, 30, 6, 40, 4, 7, 55, 5, 3, 8] * 4)
+    config = load_config("tiny", [*ITEMS, "user.init=random", "user.max_len=20", "train.batch_size=4"])
+    model = build_towers(config, num_ids=split.num_items)
+
+    def padded(batches, windows) -> int:
+        lengths = windows.mask.sum(1)
+        return sum(int(lengths[b].max()) * len(b) for b in batches)
+
+    windows = training_windows(split, config.user.max_len)
+    plain = SequenceTrainer(config, model, None, split, torch.device("cpu"), windows).batches()
+    bucketed_config = load_config("tiny", [*ITEMS, "user.init=random", "user.max_len=20", "train.batch_size=4",
+                                           "train.length_buckets=8"])
+    trainer = SequenceTrainer(bucketed_config, model, None, split, torch.device("cpu"), windows)
+    first, second = trainer.batches(), trainer.batches()
+    for batches in (first, second):
+        assert sorted(i for b in batches for i in b) == list(range(len(windows)))
+        assert all(1 <= len(b) <= 4 for b in batches)
+    assert first != second  # a fresh order every epoch
+    assert padded(first, windows) < 0.8 * padded(plain, windows)
+
+
+def test_user_embeddings_batched_by_length_keep_the_given_order() -> None:
+    from train.sequence import sequence_user_embeddings
+
+    torch.manual_seed(0)
+    model = build_towers(load_config("tiny", [*ITEMS, "user.init=random", "user.dropout=0"]), num_ids=30).eval()
+    item_emb = torch.randn(30, model.config.dim)
+    lengths = [3, 9, 1, 6, 9, 2, 5]
+    inputs, mask = torch.zeros(len(lengths), 9, dtype=torch.long), torch.zeros(len(lengths), 9, dtype=torch.long)
+    for r, n in enumerate(lengths):
+        inputs[r, :n] = torch.randint(0, 30, (n,))
+        mask[r, :n] = 1
+    with torch.no_grad():
+        got = sequence_user_embeddings(model, item_emb, inputs, mask, batch_size=2)
+        for r, n in enumerate(lengths):  # each history alone, at its own length
+            alone = model.user.encode_users(item_emb[inputs[r:r + 1, :n]], mask[r:r + 1, :n], inputs[r:r + 1, :n])
+            torch.testing.assert_close(got[r:r + 1], alone, atol=2e-5, rtol=1e-4)
+
+
+def test_profile_prefix_reads_only_older_history_and_round_trips(tmp_path: Path) -> None:
+    """``user.profile_prefix``: each window's prefix profile holds only items before the window (never a
+    target), the prefix changes the states without breaking causality, and it is served after a reload."""
+    from data.profiles import ProfileBuilder
+    from towers.factory import save_towers
+    from towers.hub import load_tokenizer
+    from towers.sequence import ProfilePrefixes
+    from train.sequence import older_histories
+
+    split = _split([4, 9, 17, 25])
+    w = training_windows(split, 5)
+    older = older_histories(split, w)
+    for row, old in enumerate(older):
+        seq = split.train_seq(int(w.users[row]))
+        inputs = w.inputs[row, : int(w.mask[row].sum())].tolist()
+        assert list(old) + inputs == seq[: len(old) + len(inputs)].tolist()  # right before the window
+        assert not set(old.tolist()) & set(w.targets[row][w.targets[row] >= 0].tolist())
+    assert any(len(o) for o in older) and any(not len(o) for o in older)
+
+    torch.manual_seed(0)
+    config = load_config("tiny", [*ITEMS, "user.profile_prefix=true", "user.strategy=lora", "user.dropout=0"])
+    model = build_towers(config, num_ids=split.num_items).eval()
+    assert not any(p.requires_grad for p in model.user.profile.parameters())
+    tokenizer = load_tokenizer(config.user.model)
+    builder = ProfileBuilder(tokenizer, [f"item {i}" for i in range(split.num_items)], token_budget=64)
+    prefixes = ProfilePrefixes(model, builder, tokenizer.pad_token_id)
+    got = prefixes([[1, 2, 3], [], [4]])
+    assert torch.isnan(got[1]).all() and not torch.isnan(got[[0, 2]]).any()
+    ids = torch.tensor([builder.build([1, 2, 3]).input_ids])
+    torch.testing.assert_close(got[0], model.user.profile_states(ids, torch.ones_like(ids),
+                                                                 len(builder.header_ids))[0])
+    model.user.calibrate_prefix(prefixes([[1], [2, 3], [5, 6, 7], [8]]))
+
+    x = torch.randn(3, 6, config.dim)
+    mask = torch.ones(3, 6, dtype=torch.long)
+    with torch.no_grad():
+        full = model.user.encode_sequence(x, mask, prefix=got)
+        other = model.user.encode_sequence(x, mask, prefix=prefixes([[9, 10], [], [11, 12]]))
+        x2 = x.clone()
+        x2[:, 3:] += 1.0
+        changed = model.user.encode_sequence(x2, mask, prefix=got)
+    assert full.shape == (3, 6, config.dim)
+    assert not torch.allclose(full[0], other[0]) and torch.allclose(full[1], other[1])  # row 1: no prefix
+    torch.testing.assert_close(changed[:, :3], full[:, :3], atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="profile_prefix"):
+        model.user.encode_users(x, mask)  # a prefix model never silently runs without its prefix
+
+    for n, p in model.user.named_parameters():
+        if "lora_B" in n or n.startswith("prefix_"):
+            torch.nn.init.normal_(p, std=0.3)
+    save_towers(model, tmp_path)
+    saved = load_towers(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(saved.user.encode_users(x, mask, prefix=got),
+                                   model.user.encode_users(x, mask, prefix=got))
+    from safetensors import safe_open
+
+    with safe_open(str(RunDir(tmp_path).weights_path), framework="pt") as f:
+        assert not any(k.startswith("user.profile.") for k in f.keys())  # the frozen LLM reloads from its reference
+    with pytest.raises(Exception, match="profile_prefix needs user.init=pretrained"):
+        build_towers(load_config("tiny", [*ITEMS, "user.profile_prefix=true", "user.init=random"]))
