@@ -75,7 +75,7 @@ def older_histories(split: Split, windows: Windows) -> list[np.ndarray]:
     return [split.train_seq(int(u))[: int(s)] for u, s in zip(windows.users, windows.starts)]
 
 
-def prefix_profiles(model: TwoTower, config: Config, split_items, progress: bool = False):
+def prefix_profiles(model: TwoTower, config: Config, split_items):
     """The :class:`towers.sequence.ProfilePrefixes` of a model with ``user.profile_prefix`` over split items
     (``split_items``: their catalog rows, in split order); None without a prefix."""
     if model.user.profile is None:
