@@ -18,6 +18,8 @@ own target. A history with nothing older gets a learned vector there.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -33,8 +35,6 @@ class ProfileEncoder(nn.Module):
 
     def __init__(self, cfg: UserTowerConfig):
         super().__init__()
-        from dataclasses import replace
-
         self.llm = build_decoder(replace(cfg, layer=cfg.prefix_layer))
         self.llm.requires_grad_(False)
         self.llm.eval()

@@ -44,8 +44,8 @@ class Windows:
     inputs: torch.Tensor
     mask: torch.Tensor
     targets: torch.Tensor
-    users: torch.Tensor | None = None
-    starts: torch.Tensor | None = None
+    users: torch.Tensor
+    starts: torch.Tensor
     prefix: torch.Tensor | None = None
 
     def __len__(self) -> int:
