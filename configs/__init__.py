@@ -90,6 +90,12 @@ def _device(value: Any) -> str | None:
     return f"must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {value!r}"
 
 
+def _buckets(value: Any) -> str | None:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return None
+    return f"must be 'auto' or a whole number >= 0, got {value!r}"
+
+
 def _not_empty(value: Any) -> str | None:
     return "must not be empty" if isinstance(value, str) and not value.strip() else None
 
@@ -280,8 +286,9 @@ class TrainConfig(_Checked):
     warmup: float = _bounded(0.05, ge=0, lt=1)  # fraction of steps of linear warmup, then cosine decay to 0
     grad_accum: int = _bounded(1, ge=1)  # micro-batches per optimizer step
     # items input: windows are shuffled, then sorted by length within pools of length_buckets batches, so a
-    # batch pads to a length near its own windows' (batch order is shuffled again); 0 = plain random batches
-    length_buckets: int = _bounded(0, ge=0)
+    # batch pads to a length near its own windows' (batch order is shuffled again); 0 = plain random batches;
+    # "auto" = 20 where the windows' mean length is under half the longest (short histories), else 0
+    length_buckets: int | Literal["auto"] = _checked("auto", _buckets)
     llm_lr: float = _bounded(0.0, ge=0)  # learning rate of the LLM's own weights (0 = lr)
     resumable: bool = False  # items input: save the training state after every epoch, for `train --resume`
     device: str = _checked("auto", _device)  # "auto", "cpu", "cuda", "cuda:N" or "mps"; "cuda" without CUDA is an error

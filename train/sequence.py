@@ -221,6 +221,20 @@ def all_gather_ids(ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat([o[: int(n.item())] for o, n in zip(out, sizes)]), world
 
 
+AUTO_BUCKETS = 20  # pools of batches that train.length_buckets "auto" sorts by length
+
+
+def length_buckets(setting: int | str, windows: Windows) -> int:
+    """``train.length_buckets`` resolved for these windows: "auto" buckets (:data:`AUTO_BUCKETS`) only where
+    plain batches would be mostly padding, i.e. the windows' mean length is under half the longest."""
+    if setting != "auto":
+        return int(setting)
+    lengths = windows.mask.sum(1).double()
+    if len(lengths) == 0 or lengths.mean() >= 0.5 * lengths.max():
+        return 0
+    return AUTO_BUCKETS
+
+
 class SequenceTrainer:
     """Optimizer, schedule, step function and resumable state for the item-sequence user tower."""
 
@@ -228,6 +242,11 @@ class SequenceTrainer:
                  titles: torch.Tensor | None = None):
         self.config, self.model, self.bank, self.split, self.device = config, model, bank, split, device
         self.windows = windows
+        self.buckets = length_buckets(config.train.length_buckets, windows)
+        if config.train.length_buckets == "auto" and self.buckets:
+            logger.info("short histories (mean window %.1f of up to %d items): batches of similar length "
+                        "(train.length_buckets auto -> %d)", float(windows.mask.sum(1).double().mean()),
+                        int(windows.mask.sum(1).max()), self.buckets)
         self.full = use_full_softmax(config, split.num_items)
         freq = torch.bincount(windows.targets[windows.targets >= 0], minlength=split.num_items).double()
         freq = (freq / freq.sum().clamp(min=1)).to(device)  # how often each item is a training target
@@ -273,18 +292,18 @@ class SequenceTrainer:
 
     def batches(self) -> list[list[int]]:
         """This epoch's global batches of window indices: a fresh random order, or with
-        ``train.length_buckets`` = B, windows of similar length together (sorted within random pools of B
+        ``train.length_buckets`` = B (see :func:`length_buckets`), windows of similar length together (sorted within random pools of B
         batches, then the batches shuffled), which cuts the padding of catalogs with short histories."""
         tc = self.config.train
         order = list(range(len(self.windows)))
         self.rng.shuffle(order)
-        if tc.length_buckets:
+        if self.buckets:
             lengths = self.windows.mask.sum(1).tolist()
-            pool = tc.length_buckets * tc.batch_size
+            pool = self.buckets * tc.batch_size
             order = [i for s in range(0, len(order), pool)
                      for i in sorted(order[s:s + pool], key=lambda w: -lengths[w])]
         batches = [order[s:s + tc.batch_size] for s in range(0, len(order), tc.batch_size)]
-        if tc.length_buckets:
+        if self.buckets:
             self.rng.shuffle(batches)
         return batches
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from configs import load_config
+from errors import ConfigError
 from data.protocol import Split
 from data.rundir import RunDir
 from towers.factory import build_towers, is_saved, load_towers
@@ -223,7 +224,9 @@ def test_length_buckets_cover_every_window_once_and_cut_padding() -> None:
         return sum(int(lengths[b].max()) * len(b) for b in batches)
 
     windows = training_windows(split, config.user.max_len)
-    plain = SequenceTrainer(config, model, None, split, torch.device("cpu"), windows).batches()
+    plain_config = load_config("tiny", [*ITEMS, "user.init=random", "user.max_len=20", "train.batch_size=4",
+                                        "train.length_buckets=0"])
+    plain = SequenceTrainer(plain_config, model, None, split, torch.device("cpu"), windows).batches()
     bucketed_config = load_config("tiny", [*ITEMS, "user.init=random", "user.max_len=20", "train.batch_size=4",
                                            "train.length_buckets=8"])
     trainer = SequenceTrainer(bucketed_config, model, None, split, torch.device("cpu"), windows)
@@ -233,6 +236,22 @@ def test_length_buckets_cover_every_window_once_and_cut_padding() -> None:
         assert all(1 <= len(b) <= 4 for b in batches)
     assert first != second  # a fresh order every epoch
     assert padded(first, windows) < 0.8 * padded(plain, windows)
+
+
+def test_length_buckets_auto_only_for_short_histories() -> None:
+    """"auto" buckets where plain batches would be mostly padding (mean window under half the longest)."""
+    from train.sequence import AUTO_BUCKETS, length_buckets
+
+    short = training_windows(_split([3, 4, 5, 30, 6, 40, 4, 7, 55, 5, 3, 8] * 4), 20)  # mostly 2-7 items
+    long = training_windows(_split([25, 30, 22, 40, 3] * 4), 20)  # mostly full windows of 20
+    assert length_buckets("auto", short) == AUTO_BUCKETS
+    assert length_buckets("auto", long) == 0
+    assert length_buckets(0, short) == 0 and length_buckets(5, long) == 5  # a number is kept as given
+    assert load_config("tiny").train.length_buckets == "auto"
+    with pytest.raises(ConfigError, match="train.length_buckets"):
+        load_config("tiny", ["train.length_buckets=-1"])
+    with pytest.raises(ConfigError, match="train.length_buckets"):
+        load_config("tiny", ["train.length_buckets=often"])
 
 
 def test_user_embeddings_batched_by_length_keep_the_given_order() -> None:
