@@ -291,9 +291,10 @@ class SequenceTrainer:
         return self.step_fn(inputs, mask, targets, uniform, prefix)
 
     def batches(self) -> list[list[int]]:
-        """This epoch's global batches of window indices: a fresh random order, or with
-        ``train.length_buckets`` = B (see :func:`length_buckets`), windows of similar length together (sorted within random pools of B
-        batches, then the batches shuffled), which cuts the padding of catalogs with short histories."""
+        """This epoch's global batches of window indices: a fresh random order, or with B length buckets
+        (``train.length_buckets``, resolved by :func:`length_buckets`), windows of similar length together
+        (sorted within random pools of B batches, then the batches shuffled), which cuts the padding of
+        catalogs with short histories."""
         tc = self.config.train
         order = list(range(len(self.windows)))
         self.rng.shuffle(order)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from configs import load_config
-from errors import ConfigError
 from data.protocol import Split
 from data.rundir import RunDir
+from errors import ConfigError
 from towers.factory import build_towers, is_saved, load_towers
 from train.losses import inclusion_logq, info_nce
 from train.sequence import eval_sequences, training_windows
