@@ -243,10 +243,11 @@ class SequenceTrainer:
         self.config, self.model, self.bank, self.split, self.device = config, model, bank, split, device
         self.windows = windows
         self.buckets = length_buckets(config.train.length_buckets, windows)
+        self.lengths = windows.mask.sum(1).tolist()  # each window's length, for the length buckets
         if config.train.length_buckets == "auto" and self.buckets:
             logger.info("short histories (mean window %.1f of up to %d items): batches of similar length "
-                        "(train.length_buckets auto -> %d)", float(windows.mask.sum(1).double().mean()),
-                        int(windows.mask.sum(1).max()), self.buckets)
+                        "(train.length_buckets auto -> %d)", float(np.mean(self.lengths)), max(self.lengths),
+                        self.buckets)
         self.full = use_full_softmax(config, split.num_items)
         freq = torch.bincount(windows.targets[windows.targets >= 0], minlength=split.num_items).double()
         freq = (freq / freq.sum().clamp(min=1)).to(device)  # how often each item is a training target
@@ -299,10 +300,9 @@ class SequenceTrainer:
         order = list(range(len(self.windows)))
         self.rng.shuffle(order)
         if self.buckets:
-            lengths = self.windows.mask.sum(1).tolist()
             pool = self.buckets * tc.batch_size
             order = [i for s in range(0, len(order), pool)
-                     for i in sorted(order[s:s + pool], key=lambda w: -lengths[w])]
+                     for i in sorted(order[s:s + pool], key=lambda w: -self.lengths[w])]
         batches = [order[s:s + tc.batch_size] for s in range(0, len(order), tc.batch_size)]
         if self.buckets:
             self.rng.shuffle(batches)
