@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train-rerank", parents=[common],
                        help="fine-tune the LLM reranker of a trained run with LoRA (saved into RUN/rerank/)")
     s.add_argument("--run", required=True, help="a trained run with a built index (its retriever gives candidates)")
-    s.add_argument("--mode", choices=["listwise", "pointwise"], help="default: the run's rerank.mode")
+    s.add_argument("--mode", choices=["listwise", "pointwise", "sequence"], help="default: the run's rerank.mode")
     s.add_argument("--set", action="append", default=[], metavar="rerank.FIELD=VALUE",
                    help="override a rerank setting, e.g. rerank.train_users=300 or rerank.max_minutes=30 (repeatable)")
     s.add_argument("--catalog", help="the training catalog's new location, if it moved (content must match)")

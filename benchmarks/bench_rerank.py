@@ -3,10 +3,11 @@
 Quality and latency, LlamaRec's way: every (or a seeded sample of) test user's retriever top-20 is reranked, and
 a target outside the top-20 counts as a miss. Variants: retrieval alone, zero-shot pointwise and listwise
 (their fusion weight tuned on validation users), and the run's fine-tuned adapters (``towerrec train-rerank``,
-with the weight tuned when they were trained). Latency is the wall time of one user's rerank call, as served::
+with the weight tuned when they were trained): pointwise, listwise and the item-sequence cross-encoder
+(``sequence``, which exists only fine-tuned). Latency is the wall time of one user's rerank call, as served::
 
     python benchmarks/bench_rerank.py --run RUN [--users 0] [--valid-users 200] [--json out.json]
-        [--variants zero-shot-pointwise,zero-shot-listwise,pointwise,listwise]
+        [--variants zero-shot-pointwise,zero-shot-listwise,pointwise,listwise,sequence]
 
 The KV-cache micro-benchmark (pointwise: shared profile prefix against one full prompt per candidate)::
 
@@ -29,10 +30,11 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs import RerankConfig  # noqa: E402
+from errors import CheckpointError  # noqa: E402
 from towers.hub import load_tokenizer  # noqa: E402
 from towers.rerank import LLMReranker, adapter_paths  # noqa: E402
 
-VARIANTS = ("zero-shot-pointwise", "zero-shot-listwise", "pointwise", "listwise")
+VARIANTS = ("zero-shot-pointwise", "zero-shot-listwise", "pointwise", "listwise", "sequence")
 
 
 @torch.inference_mode()
@@ -97,9 +99,14 @@ def quality_benchmark(args) -> dict:
             raise SystemExit(f"unknown variant {name!r}; choose from {VARIANTS}")
         zero_shot = name.startswith("zero-shot")
         mode = name.removeprefix("zero-shot-")
+        if zero_shot and mode == "sequence":
+            raise SystemExit("the sequence reranker has no zero-shot form (its head starts at zero); use 'sequence'")
         rec.configure_rerank(mode=mode)
-        rr = rec.build_reranker(adapter=not zero_shot)
-        if not zero_shot and rr.trained is None:
+        try:
+            rr = rec.build_reranker(adapter=not zero_shot)
+        except CheckpointError:  # the sequence mode refuses to run without its adapter
+            rr = None
+        if not zero_shot and (rr is None or rr.trained is None):
             print(f"{name}: no fine-tuned {mode} adapter in {run.path} (run `cli.py train-rerank --mode {mode}`)")
             continue
         t0 = time.time()
@@ -124,7 +131,8 @@ def quality_benchmark(args) -> dict:
             record["valid"] = rr.trained["valid"]["fused"]
             record["valid_llm_alone"] = rr.trained["valid"]["fine_tuned_llm_alone"]
             record["fine_tuning"] = {k: rr.trained.get(k) for k in ("seconds", "cpu_seconds", "threads", "steps",
-                                                                     "best_step", "train_users", "train_examples")}
+                                                                     "best_step", "train_users", "train_examples",
+                                                                     "train_positions", "train_batch", "lr")}
             record["settings"] = {k: rr.trained["settings"][k] for k in (
                 "history_tokens", "title_tokens", "lora_rank", "lora_layers", "lr", "epochs", "train_batch",
                 "train_users", "train_positions", "eval_users", "max_minutes", "negatives", "permutations")}

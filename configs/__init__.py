@@ -209,7 +209,7 @@ class UserTowerConfig(_Checked):
     gradient_checkpointing: bool = False  # recompute LLM activations in backward (less memory, more compute)
 
 
-RerankMode = Literal["listwise", "pointwise"]
+RerankMode = Literal["listwise", "pointwise", "sequence"]
 MissedTargets = Literal["insert", "skip"]
 
 LETTER_LABELS = 26  # listwise candidates are labelled (A) to (Z)
@@ -221,7 +221,9 @@ class RerankConfig(_Checked):
     model: str = ""  # decoder LLM for reranking; "" = the user tower's LLM
     # "listwise": LlamaRec's verbalizer, the candidates lettered (A), (B), ... in one prompt, scored by the logits of
     # their letters at the answer position (one pass per user); "pointwise": yes/no log-odds of one question per
-    # candidate after the history, whose KV cache all candidates share
+    # candidate after the history, whose KV cache all candidates share; "sequence": the user tower's own LLM layers
+    # read the history items and each candidate together (an item-sequence cross-encoder, towers/cross_rerank.py;
+    # needs user.input=items and a fine-tuned adapter)
     mode: RerankMode = "pointwise"
     candidates: int = _bounded(20, ge=1)  # depth: the retrieved top-N handed to the reranker (listwise: at most 26)
     weight: float = _bounded(1.0, ge=0)  # score = retrieval_z + weight * llm_z (z-scored within each user's candidates);
@@ -245,12 +247,14 @@ class RerankConfig(_Checked):
     # training examples whose target the retriever missed: "insert" it in place of the lowest-ranked candidate
     # (LlamaRec), or "skip" them, so that training lists look like served ones (where a miss cannot be helped)
     missed_targets: MissedTargets = "insert"
-    train_positions: int = _bounded(1, ge=1)  # examples per training user: its last training items, each after
-    #                                           the history before it (1 = the last training item only)
+    train_positions: int = _bounded(0, ge=0)  # examples per training user: its last training items, each after
+    #                                           the history before it; 0 = auto (1 for the text modes, whose prompts
+    #                                           are long; 8 for sequence, whose lists are cheap)
     eval_users: int = _bounded(200, ge=0)  # seeded sample of validation users for early stopping and the weight (0 = all)
     epochs: int = _bounded(2, ge=1)
-    train_batch: int = _bounded(4, ge=1)  # training users per optimizer step
-    lr: float = _bounded(2e-4, gt=0)
+    train_batch: int = _bounded(0, ge=0)  # training lists per optimizer step; 0 = auto (4 text prompts, 16 sequence
+    #                                       lists)
+    lr: float = _bounded(0.0, ge=0)  # 0 = auto: 2e-4 for the text modes, 5e-4 for sequence
     eval_every: int = _bounded(0, ge=0)  # optimizer steps between validations (0 = once per epoch)
     patience: int = _bounded(2, ge=0)  # validations without improvement of validation NDCG@10 before stopping
     negatives: int = _bounded(4, ge=1)  # pointwise training: hard negatives (from the retriever's top-N) per user

@@ -24,7 +24,7 @@ from data.ids import ItemSpace
 from data.items import pad_batch
 from data.profiles import profile_builder
 from data.rundir import RunDir
-from errors import IndexStateError, QueryError
+from errors import CheckpointError, ConfigError, IndexStateError, QueryError
 from index import ann
 from index.store import live_version, read_vectors, read_version
 from towers.device import resolve_device
@@ -103,6 +103,7 @@ class Recommender:
         self.tokenizer = load_tokenizer(self.config.user.model)
         self.builder = profile_builder(self.config, items, self.tokenizer)
         self._reranker = None
+        self._text_lm = None  # reasons under rerank.mode=sequence: a zero-shot text LM (see _text_reranker)
         self._explainer = None  # reasons: built on first use, for the reranker's LM (towers.explain.Explainer)
         self._matcher = None  # catalog titles for grounding reasons (towers.explain.TitleMatcher)
         # Item-sequence user tower: history items are read as their item embeddings (kept beside the index)
@@ -158,6 +159,8 @@ class Recommender:
         from towers.rerank import LLMReranker, history_builder
 
         cfg = self.config.rerank
+        if cfg.mode == "sequence":
+            return self._sequence_reranker(adapter)
         ref = cfg.model or self.config.user.model
         rr = LLMReranker(cfg, ref, self.tokenizer if ref == self.config.user.model else None)
         if adapter:
@@ -165,6 +168,20 @@ class Recommender:
         same = rr.cfg.history_tokens == 0 and rr.tokenizer is self.tokenizer
         rr.history = self.builder if same else history_builder(
             self.config.data, rr.cfg, self.titles, self.items["text"].to_list(), rr.tokenizer)
+        return rr.to(self.device)
+
+    def _sequence_reranker(self, adapter: bool):
+        """The item-sequence cross-encoder (``rerank.mode: sequence``) from this run's user tower; served only
+        fine-tuned (an untrained one scores every candidate alike)."""
+        from towers.cross_rerank import SequenceReranker
+
+        if self.vectors is None:
+            raise ConfigError("rerank.mode=sequence reads history items as the user tower does: it needs an "
+                              "item-sequence user tower (user.input: items); use listwise or pointwise")
+        rr = SequenceReranker(self.config.rerank, self.model.user, self.vectors, self.id_rows, self.title_vectors)
+        if adapter and not rr.load_adapter(self.run_dir):
+            raise CheckpointError(f"{self.run_dir} has no fine-tuned sequence reranker: run `towerrec train-rerank "
+                                  f"--run {self.run_dir} --mode sequence` first")
         return rr.to(self.device)
 
     def configure_rerank(self, **changes) -> None:
@@ -565,8 +582,13 @@ class Recommender:
         llm = []
         if todo:
             rr = self.reranker
-            profiles = [rr.history.build(self._rows(histories[u], "history")).input_ids for u in todo]
-            llm = rr.score_batch(profiles, [[c.title for c in candidate_lists[u][:depth]] for u in todo])
+            if rr.history is None:  # the sequence cross-encoder reads index rows, not a prompt
+                llm = rr.score_rows([self._rows(histories[u], "history") for u in todo],
+                                    [self._rows([c.item_id for c in candidate_lists[u][:depth]], "candidates")
+                                     for u in todo])
+            else:
+                profiles = [rr.history.build(self._rows(histories[u], "history")).input_ids for u in todo]
+                llm = rr.score_batch(profiles, [[c.title for c in candidate_lists[u][:depth]] for u in todo])
         scores = dict(zip(todo, llm))
         out = []
         for u, cands in enumerate(candidate_lists):
@@ -607,7 +629,7 @@ class Recommender:
             return []
         texts = [None] * len(targets)
         if llm:
-            rr = self.reranker
+            rr = self._text_reranker
             if self._explainer is None or self._explainer.rr is not rr:
                 self._explainer = Explainer(rr)  # reads the tokenizer's vocabulary once
             profile = rr.history.build(rows)
@@ -626,6 +648,25 @@ class Recommender:
             reasons.append(Reason(template_reason([self.titles[r] for r in near]),
                                   tuple(self.item_ids[r] for r in near), "template"))
         return reasons
+
+    @property
+    def _text_reranker(self):
+        """The text LM that writes reasons: the reranker's own, or (``rerank.mode: sequence``, which has no text
+        LM) a zero-shot listwise one, built once."""
+        if self.config.rerank.mode != "sequence":
+            return self.reranker
+        if self._text_lm is None:
+            from configs import LETTER_LABELS, config_from_dict
+
+            tree = self.config.to_dict()
+            tree["rerank"]["mode"] = "listwise"
+            tree["rerank"]["candidates"] = min(tree["rerank"]["candidates"], LETTER_LABELS)
+            keep, self.config = self.config, config_from_dict(tree)
+            try:
+                self._text_lm = self.build_reranker(adapter=False)
+            finally:
+                self.config = keep
+        return self._text_lm
 
     @property
     def _title_matcher(self):

@@ -8,6 +8,10 @@ lowest-ranked candidate. The candidate order is shuffled at every step against p
 - ``listwise``: cross-entropy over the candidates' letter logits at the answer position (one pass per user).
 - ``pointwise``: binary cross-entropy on the yes/no log-odds of the true item and ``rerank.negatives`` hard
   negatives drawn from the same top-N, all sharing the history's KV cache.
+- ``sequence``: cross-entropy over the candidates' scores from the item-sequence cross-encoder
+  (``towers/cross_rerank.py``: the user tower's LLM layers, new LoRA adapters and a scoring head), one pass per
+  list. Its lists are cheap (one position per item), so it trains on the last ``SEQUENCE_POSITIONS`` training
+  items of every user by default. Its step 0 scores every candidate 0: the retriever's own order.
 
 Early stopping reads the validation NDCG@10 of the reranked top-N as it would be served: ``z(retrieval) +
 w * z(llm)`` with the fusion weight ``w`` that suits that adapter best on the validation users (their validation
@@ -40,12 +44,16 @@ from data.protocol import Split, list_rank, ranking_metrics, split_catalog
 from data.rundir import RunDir
 from errors import ConfigError, QueryError
 from index.recommender import Recommender
+from towers.cross_rerank import SequenceReranker
 from towers.rerank import LLMReranker, fuse
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 100.0)  # fusion weights tried (100 ~ LLM alone)
 LLM_ONLY = 100.0
+SEQUENCE_POSITIONS = 8  # rerank.train_positions=0 (auto) in sequence mode: examples per training user
+SEQUENCE_BATCH = 16  # rerank.train_batch=0 (auto) in sequence mode: lists per step
+SEQUENCE_LR = 5e-4  # rerank.lr=0 (auto) in sequence mode
 DEPTH = 20  # metrics are read within the reranked top-N; a target outside it is a miss at every cut-off
 
 
@@ -137,8 +145,11 @@ def llm_scores(rr: LLMReranker, examples: Sequence[Example], titles: Sequence[st
         for start in tqdm(range(0, len(examples), step), desc=f"scoring ({rr.cfg.mode})", disable=not progress):
             chunk = examples[start:start + step]
             t0, c0 = time.perf_counter(), time.process_time()
-            out += rr.score_batch([rr.history.build(e.history).input_ids for e in chunk],
-                                  [[titles[c] for c in e.candidates] for e in chunk])
+            if isinstance(rr, SequenceReranker):
+                out += rr.score_rows([e.history for e in chunk], [e.candidates for e in chunk])
+            else:
+                out += rr.score_batch([rr.history.build(e.history).input_ids for e in chunk],
+                                      [[titles[c] for c in e.candidates] for e in chunk])
             if latencies is not None:
                 latencies.append((time.perf_counter() - t0, time.process_time() - c0))
     finally:
@@ -196,14 +207,14 @@ def rerank_config(run: RunDir, mode: str | None, overrides: Sequence[str]) -> Co
     return config_from_dict(tree, list(overrides))
 
 
-def train_reranker(run_dir: str | Path, mode: Literal["listwise", "pointwise"] | None = None,
+def train_reranker(run_dir: str | Path, mode: Literal["listwise", "pointwise", "sequence"] | None = None,
                    overrides: Sequence[str] = (), catalog_dir: str | Path | None = None, device: str = "auto",
                    progress: bool = True, recommender: Recommender | None = None) -> RerankResult:
     """Fine-tune the reranker of a trained run with LoRA and save it into ``run_dir/rerank/<mode>.*``.
 
     Args:
         run_dir: a trained run with a built index (its retriever supplies the candidates).
-        mode: ``listwise`` or ``pointwise`` (default: the run's ``rerank.mode``).
+        mode: ``listwise``, ``pointwise`` or ``sequence`` (default: the run's ``rerank.mode``).
         overrides: ``rerank.field=value`` settings (``rerank.train_users``, ``rerank.epochs``, ``rerank.lr``,
             ``rerank.max_minutes``, ``rerank.lora_layers``, ...), checked like a config file.
         catalog_dir: the training catalog's new location, if it moved (its content must be unchanged).
@@ -223,8 +234,10 @@ def train_reranker(run_dir: str | Path, mode: Literal["listwise", "pointwise"] |
     users = list(range(split.num_users))
     train_users = sorted(rng.sample(users, cfg.train_users)) if 0 < cfg.train_users < len(users) else users
     valid_users = sorted(rng.sample(users, cfg.eval_users)) if 0 < cfg.eval_users < len(users) else users
+    positions = cfg.train_positions or (SEQUENCE_POSITIONS if cfg.mode == "sequence" else 1)
+    batch_size = cfg.train_batch or (SEQUENCE_BATCH if cfg.mode == "sequence" else 4)
     train_ex = retriever_candidates(rec, split, train_users, "train", cfg.candidates, progress=progress,
-                                    positions=cfg.train_positions)
+                                    positions=positions)
     valid_ex = retriever_candidates(rec, split, valid_users, "valid", cfg.candidates, progress=progress)
     if not train_ex:
         raise QueryError(f"no training user of {run.path} has a training prefix to fine-tune on")
@@ -244,8 +257,9 @@ def train_reranker(run_dir: str | Path, mode: Literal["listwise", "pointwise"] |
     rr = rec.build_reranker(adapter=False)  # from the base model, even where the run has an adapter already
     rr.add_lora()
     params = [p for p in rr.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(train_ex) / cfg.train_batch)
+    lr = cfg.lr or (SEQUENCE_LR if cfg.mode == "sequence" else 2e-4)
+    optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(train_ex) / batch_size)
     total = steps_per_epoch * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / max(1, total // 10))
                                               * max(0.0, 1 - s / total))
@@ -279,11 +293,15 @@ def train_reranker(run_dir: str | Path, mode: Literal["listwise", "pointwise"] |
     bar = tqdm(total=total, desc=f"fine-tuning ({cfg.mode})", disable=not progress)
     for _epoch in range(cfg.epochs):
         order = rng.sample(range(len(train_ex)), len(train_ex))
-        for start in range(0, len(order), cfg.train_batch):
-            batch = [train_ex[i] for i in order[start:start + cfg.train_batch]]
+        for start in range(0, len(order), batch_size):
+            batch = [train_ex[i] for i in order[start:start + batch_size]]
             optim.zero_grad(set_to_none=True)
-            loss = _listwise_loss(rr, batch, rec.titles, rng) if cfg.mode == "listwise" else \
-                _pointwise_loss(rr, batch, rec.titles, rng, cfg.negatives)
+            if cfg.mode == "listwise":
+                loss = _listwise_loss(rr, batch, rec.titles, rng)
+            elif cfg.mode == "pointwise":
+                loss = _pointwise_loss(rr, batch, rec.titles, rng, cfg.negatives)
+            else:
+                loss = _sequence_loss(rr, batch)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optim.step()
             sched.step()
@@ -326,7 +344,7 @@ def train_reranker(run_dir: str | Path, mode: Literal["listwise", "pointwise"] |
     rr.save_adapter(run.path, {
         "best_step": best["step"], "steps": step, "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
         "threads": torch.get_num_threads(), "train_users": len({e.user for e in train_ex}),
-        "train_examples": len(train_ex),
+        "train_examples": len(train_ex), "train_positions": positions, "train_batch": batch_size, "lr": lr,
         "settings": dataclasses.asdict(cfg), "valid": valid, "history": history,
     })
     logger.info("reranker (%s) saved: best step %d of %d, fusion weight %g, valid ndcg@10 %.4f -> %.4f",
@@ -346,6 +364,19 @@ def _listwise_loss(rr: LLMReranker, batch: list[Example], titles: Sequence[str],
     n = torch.arange(logits.shape[1], device=logits.device)
     logits = logits.masked_fill(n[None, :] >= torch.tensor(sizes, device=logits.device)[:, None], float("-inf"))
     loss = torch.nn.functional.cross_entropy(logits, torch.tensor(labels, device=logits.device))
+    loss.backward()
+    return float(loss.detach())
+
+
+def _sequence_loss(rr: SequenceReranker, batch: list[Example]) -> float:
+    """Cross-entropy of the true item among each list's candidates (their scores read in one pass per list);
+    backward done. The scores do not depend on the candidates' order, so there is no order to shuffle."""
+    scores = rr([e.history for e in batch], [e.candidates for e in batch])  # (B, C)
+    sizes = torch.tensor([len(e.candidates) for e in batch], device=scores.device)
+    scores = scores.masked_fill(torch.arange(scores.shape[1], device=scores.device)[None, :] >= sizes[:, None],
+                                float("-inf"))
+    labels = torch.tensor([e.candidates.index(e.target) for e in batch], device=scores.device)
+    loss = torch.nn.functional.cross_entropy(scores, labels)
     loss.backward()
     return float(loss.detach())
 
