@@ -28,7 +28,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from torch import nn
 from configs import RerankConfig
 from data.rundir import RunDir
 from errors import CheckpointError, ConfigError, QueryError
+from towers.rerank import adapter_paths, fuse, lora_settings, wrap_lora
 
 logger = logging.getLogger(__name__)
 
@@ -152,37 +152,18 @@ class SequenceReranker(nn.Module):
         return out
 
     def combine(self, retrieval: torch.Tensor, llm: torch.Tensor, weight: float | None = None) -> torch.Tensor:
-        from towers.rerank import fuse
-
         return fuse(retrieval, llm, self.weight if weight is None else weight)
 
     # -- adapters --------------------------------------------------------------------------------------------
     def lora_settings(self) -> dict:
-        targets = [t.strip() for t in self.cfg.lora_targets.split(",") if t.strip()]
-        names = {name.rsplit(".", 1)[-1] for name, _ in self.user.llm.named_modules()}
-        missing = [t for t in targets if t not in names]
-        if missing:
-            raise QueryError(f"rerank.lora_targets: {missing} are not modules of {type(self.user.llm).__name__}")
-        layers = len(self.user.llm.layers)
-        if self.cfg.lora_layers > layers:
-            raise QueryError(f"rerank.lora_layers={self.cfg.lora_layers} but the user tower has {layers} layers")
-        top = list(range(layers - self.cfg.lora_layers, layers)) if self.cfg.lora_layers else None
-        return {"rank": self.cfg.lora_rank, "alpha": self.cfg.lora_alpha, "dropout": self.cfg.lora_dropout,
-                "targets": targets, "layers": top}
+        return lora_settings(self.cfg, self.user.llm, len(self.user.llm.layers))
 
     def add_lora(self, settings: dict | None = None) -> None:
         """New peft LoRA adapters on the (merged) decoder; they, the marker and the head are what train."""
-        from peft import LoraConfig, get_peft_model
-
         if self.adapter is not None:
             raise CheckpointError("this reranker already has a LoRA adapter")
         settings = settings or self.lora_settings()
-        lora = LoraConfig(r=settings["rank"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
-                          target_modules=list(settings["targets"]), layers_to_transform=settings["layers"],
-                          bias="none")
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            self.user.llm = get_peft_model(self.user.llm, lora)
+        self.user.llm = wrap_lora(self.user.llm, settings)
         self.adapter = dict(settings)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
@@ -218,8 +199,6 @@ class SequenceReranker(nn.Module):
         from safetensors.torch import save
 
         from data.atomic import write_file, write_text
-        from towers.rerank import adapter_paths
-
         weights, settings = adapter_paths(run_dir, "sequence")
         record = {"mode": "sequence", "user_tower": self.fingerprint, "lora": self.adapter, "weight": self.weight,
                   **meta}
@@ -233,8 +212,6 @@ class SequenceReranker(nn.Module):
         tower (the run was retrained since) or an unreadable one is a :class:`CheckpointError`."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
-
-        from towers.rerank import adapter_paths
 
         weights, settings = adapter_paths(run_dir, "sequence")
         if not weights.is_file():

@@ -232,31 +232,14 @@ class LLMReranker(nn.Module):
     # -- LoRA adapters ---------------------------------------------------------------------------------------
     def lora_settings(self) -> dict:
         """The adapter settings of ``rerank.lora_*`` (targets checked against the model's modules)."""
-        targets = [t.strip() for t in self.cfg.lora_targets.split(",") if t.strip()]
-        names = {name.rsplit(".", 1)[-1] for name, _ in self.lm.named_modules()}
-        missing = [t for t in targets if t not in names]
-        if missing:
-            raise QueryError(f"rerank.lora_targets: {missing} are not modules of {type(self.lm).__name__}")
-        layers = self.lm.config.num_hidden_layers
-        if self.cfg.lora_layers > layers:
-            raise QueryError(f"rerank.lora_layers={self.cfg.lora_layers} but the model has {layers} layers")
-        top = list(range(layers - self.cfg.lora_layers, layers)) if self.cfg.lora_layers else None
-        return {"rank": self.cfg.lora_rank, "alpha": self.cfg.lora_alpha, "dropout": self.cfg.lora_dropout,
-                "targets": targets, "layers": top}
+        return lora_settings(self.cfg, self.lm, self.lm.config.num_hidden_layers)
 
     def add_lora(self, settings: dict | None = None) -> None:
         """Wrap the LM with peft LoRA adapters (``settings`` as :meth:`lora_settings` gives); only they train."""
-        from peft import LoraConfig, get_peft_model
-
         if self.adapter is not None:
             raise CheckpointError("this reranker already has a LoRA adapter")
         settings = settings or self.lora_settings()
-        lora = LoraConfig(r=settings["rank"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
-                          target_modules=list(settings["targets"]), layers_to_transform=settings["layers"],
-                          bias="none")
-        with warnings.catch_warnings():  # peft asks transformers a deprecated question; not the user's concern
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            self.lm = get_peft_model(self.lm, lora)
+        self.lm = wrap_lora(self.lm, settings)
         self.adapter = dict(settings)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
@@ -329,6 +312,32 @@ class LLMReranker(nn.Module):
 
         disable = getattr(self.lm, "disable_adapter", None)
         return disable() if self.adapter is not None and disable is not None else contextlib.nullcontext()
+
+
+def lora_settings(cfg: RerankConfig, model: nn.Module, layers: int) -> dict:
+    """The adapter settings of ``rerank.lora_*`` for ``model`` (``layers`` decoder layers): its targets checked
+    against the model's modules, ``rerank.lora_layers`` turned into the top layers' indices."""
+    targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise QueryError(f"rerank.lora_targets: {missing} are not modules of {type(model).__name__}")
+    if cfg.lora_layers > layers:
+        raise QueryError(f"rerank.lora_layers={cfg.lora_layers} but the model has {layers} layers")
+    top = list(range(layers - cfg.lora_layers, layers)) if cfg.lora_layers else None
+    return {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "targets": targets,
+            "layers": top}
+
+
+def wrap_lora(model: nn.Module, settings: dict) -> nn.Module:
+    """``model`` wrapped with peft LoRA adapters as ``settings`` (from :func:`lora_settings`) say."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=settings["rank"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
+                      target_modules=list(settings["targets"]), layers_to_transform=settings["layers"], bias="none")
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question; not the user's concern
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lora)
 
 
 def adapter_paths(run_dir: str | Path, mode: str) -> tuple[Path, Path]:
