@@ -127,7 +127,8 @@ class SequenceReranker(nn.Module):
             is_cand[u, t:t + k] = True
         allowed |= torch.eye(length, dtype=torch.bool)  # a candidate sees itself; padding only itself (no NaN)
         x = self._inputs(rows)
-        x = x + is_cand.to(self.device).unsqueeze(-1) * self.user._to_input_scale(self.marker).to(x.dtype)
+        # The marker is added as it is (not rescaled like an item: at zero that rescaling has an unbounded gradient)
+        x = x + is_cand.to(self.device).unsqueeze(-1) * self.marker.to(x.dtype)
         mask = torch.zeros(b, 1, length, length, dtype=x.dtype)
         mask = mask.masked_fill(~allowed.unsqueeze(1), torch.finfo(x.dtype).min)
         return x, mask.to(self.device), pos.to(self.device), t

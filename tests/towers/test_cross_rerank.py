@@ -58,7 +58,7 @@ def _reference(rr: SequenceReranker, history: list[int], candidate: int) -> floa
     """The slow way: a plain causal pass over the history and then this one candidate; its last state scored."""
     rows = torch.as_tensor(history[-rr.max_len:] + [candidate])
     x = rr._inputs(rows.unsqueeze(0))
-    x[0, -1] += rr.user._to_input_scale(rr.marker)
+    x[0, -1] += rr.marker
     h = rr.user.llm(inputs_embeds=x, attention_mask=torch.ones(1, len(rows), dtype=torch.long),
                     use_cache=False).last_hidden_state[0, -1]
     return float(rr.head((h.float() - rr.user.state_mean) / rr.user.state_scale))
