@@ -111,6 +111,7 @@ def test_fine_tune_serve_and_refuse_after_retraining(items_run: Path, tmp_path: 
     assert result.mode == "sequence" and result.weight in WEIGHTS and result.steps == 5  # 20 users x 2 / 8
     record = json.loads((run / "rerank" / "sequence.json").read_text())
     assert record["train_positions"] == 2 and record["history"][0]["step"] == 0
+    assert record["lr"] == 5e-4 and record["train_batch"] == 8  # rerank.lr=0: the sequence mode's own rate
     # step 0 is the retriever's own order: the head starts at zero
     assert record["history"][0]["fused_ndcg@10"] == result.valid["retrieval"]["ndcg@10"]
     served = Recommender.load(run, device="cpu")
