@@ -113,6 +113,8 @@ def cmd_query(args) -> None:
     rec = Recommender.load(args.run, device=args.device)
     if args.nprobe is not None or args.ef_search is not None:
         rec.set_search_params(nprobe=args.nprobe, ef_search=args.ef_search)
+    if args.rerank_mode is not None:
+        rec.configure_rerank(mode=args.rerank_mode)
     results = rec.recommend(user_id=args.user, history=history, k=args.k,
                             rerank=None if args.rerank is None else args.rerank == "on",
                             allow=allow, deny=deny, where=args.where, explain=args.explain)
@@ -234,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--history", help="comma-separated item ids, oldest first (a new user)")
     s.add_argument("-k", "--k", type=int, default=10, help="items to return, 1 to 1000 (default 10)")
     s.add_argument("--rerank", choices=["on", "off"], help="default: the config's rerank.enabled")
+    s.add_argument("--rerank-mode", choices=["listwise", "pointwise", "sequence"],
+                   help="default: the config's rerank.mode (sequence needs `train-rerank --mode sequence` first)")
     s.add_argument("--allow", metavar="IDS", help="comma-separated item ids: recommend only among these")
     s.add_argument("--deny", metavar="IDS", help="comma-separated item ids never to recommend")
     s.add_argument("--where", metavar="CONDITION",

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import cli
 from configs import load_config
 from errors import CheckpointError, ConfigError, QueryError
 from index.build import build_index
@@ -101,12 +102,17 @@ def test_bad_input_is_named(scorer: SequenceReranker, tiny_run: Path) -> None:
         text.build_reranker()
 
 
-def test_fine_tune_serve_and_refuse_after_retraining(items_run: Path, tmp_path: Path) -> None:
+def test_fine_tune_serve_and_refuse_after_retraining(items_run: Path, tmp_path: Path, capsys) -> None:
     run = Path(shutil.copytree(items_run, tmp_path / "run"))
     rec = Recommender.load(run, device="cpu")
     rec.configure_rerank(mode="sequence")
     with pytest.raises(CheckpointError, match="train-rerank --run .* --mode sequence"):
         rec.build_reranker()  # nothing to serve before fine-tuning
+    user = next(iter(rec.histories))
+    query = ["query", "--run", str(run), "--user", str(user), "--rerank", "on", "--rerank-mode", "sequence",
+             "--json", "--device", "cpu"]
+    assert cli.main(query) == 2
+    assert "no fine-tuned sequence reranker" in capsys.readouterr().err
     result = train_reranker(run, "sequence", FAST, device="cpu", progress=False, recommender=rec)
     assert result.mode == "sequence" and result.weight in WEIGHTS and result.steps == 5  # 20 users x 2 / 8
     record = json.loads((run / "rerank" / "sequence.json").read_text())
@@ -117,7 +123,9 @@ def test_fine_tune_serve_and_refuse_after_retraining(items_run: Path, tmp_path: 
     served = Recommender.load(run, device="cpu")
     served.configure_rerank(mode="sequence")
     assert served.reranker.trained is not None and served.reranker.weight == result.weight
-    user = next(iter(served.histories))
+    assert cli.main(query) == 0
+    items = json.loads(capsys.readouterr().out)["items"]
+    assert len(items) == 10 and all(i["rerank_score"] is not None for i in items)
     retrieved = served.recommend(user_id=user, k=10, rerank=False)
     reranked = served.recommend(user_id=user, k=10, rerank=True)
     assert {r.item_id for r in reranked} == {r.item_id for r in retrieved}
