@@ -130,8 +130,10 @@ def test_fine_tune_serve_and_refuse_after_retraining(items_run: Path, tmp_path: 
     reranked = served.recommend(user_id=user, k=10, rerank=True)
     assert {r.item_id for r in reranked} == {r.item_id for r in retrieved}
     assert all(r.rerank_score is not None for r in reranked)
-    reasons = served.explain(user, reranked[:1], llm=False)  # reasons still work without a text reranker
-    assert len(reasons) == 1 and reasons[0].cites
+    # Reasons need a text LM, which the sequence reranker has not: a zero-shot one is built for them.
+    reasons = served.explain(user, reranked[:2])
+    assert len(reasons) == 2 and all(r.cites for r in reasons)
+    assert served._text_reranker is not served.reranker and served._text_reranker.cfg.mode == "listwise"
     # Retrained towers (here: one weight changed) make the adapter stale: refused, never served.
     from safetensors.torch import load_file, save_file
 
