@@ -210,7 +210,7 @@ class UserTowerConfig(_Checked):
 
 
 RerankMode = Literal["listwise", "pointwise", "sequence"]
-MissedTargets = Literal["insert", "skip"]
+MissedTargets = Literal["auto", "insert", "skip"]
 
 LETTER_LABELS = 26  # listwise candidates are labelled (A) to (Z)
 
@@ -245,11 +245,12 @@ class RerankConfig(_Checked):
     #                                       below run without gradients, which makes a step cheaper
     train_users: int = _bounded(0, ge=0)  # seeded sample of training users to fine-tune on (0 = all)
     # training examples whose target the retriever missed: "insert" it in place of the lowest-ranked candidate
-    # (LlamaRec), or "skip" them, so that training lists look like served ones (where a miss cannot be helped)
-    missed_targets: MissedTargets = "insert"
+    # (LlamaRec), or "skip" them, so that training lists look like served ones (where a miss cannot be helped);
+    # "auto": insert for the text modes, skip for sequence (measured on validation, README "Results")
+    missed_targets: MissedTargets = "auto"
     train_positions: int = _bounded(0, ge=0)  # examples per training user: its last training items, each after
     #                                           the history before it; 0 = auto (1 for the text modes, whose prompts
-    #                                           are long; 8 for sequence, whose lists are cheap)
+    #                                           are long; 16 for sequence, whose lists are cheap)
     eval_users: int = _bounded(200, ge=0)  # seeded sample of validation users for early stopping and the weight (0 = all)
     epochs: int = _bounded(2, ge=1)
     train_batch: int = _bounded(0, ge=0)  # training lists per optimizer step; 0 = auto (4 text prompts, 16 sequence

@@ -11,7 +11,9 @@ lowest-ranked candidate. The candidate order is shuffled at every step against p
 - ``sequence``: cross-entropy over the candidates' scores from the item-sequence cross-encoder
   (``towers/cross_rerank.py``: the user tower's LLM layers, new LoRA adapters and a scoring head), one pass per
   list. Its lists are cheap (one position per item), so it trains on the last ``SEQUENCE_POSITIONS`` training
-  items of every user by default. Its step 0 scores every candidate 0: the retriever's own order.
+  items of every user by default, and only on the lists that hold their target (``missed_targets: auto`` skips
+  the others: a target inserted by hand is an odd one out that served lists never have, and learning to spot
+  it cost most of the gain on validation). Its step 0 scores every candidate 0: the retriever's own order.
 
 Early stopping reads the validation NDCG@10 of the reranked top-N as it would be served: ``z(retrieval) +
 w * z(llm)`` with the fusion weight ``w`` that suits that adapter best on the validation users (their validation
@@ -51,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 100.0)  # fusion weights tried (100 ~ LLM alone)
 LLM_ONLY = 100.0
-SEQUENCE_POSITIONS = 8  # rerank.train_positions=0 (auto) in sequence mode: examples per training user
+SEQUENCE_POSITIONS = 16  # rerank.train_positions=0 (auto) in sequence mode: examples per training user
 SEQUENCE_BATCH = 16  # rerank.train_batch=0 (auto) in sequence mode: lists per step
 SEQUENCE_LR = 5e-4  # rerank.lr=0 (auto) in sequence mode
 DEPTH = 20  # metrics are read within the reranked top-N; a target outside it is a miss at every cut-off
@@ -245,7 +247,8 @@ def train_reranker(run_dir: str | Path, mode: Literal["listwise", "pointwise", "
                 "for %.0f%%), %d validation users (%.0f%%)", cfg.mode, len(train_ex), len({e.user for e in train_ex}),
                 cfg.candidates, 100 * np.mean([e.hit for e in train_ex]), len(valid_ex),
                 100 * np.mean([e.hit for e in valid_ex]))
-    if cfg.missed_targets == "skip":
+    missed = cfg.missed_targets if cfg.missed_targets != "auto" else ("skip" if cfg.mode == "sequence" else "insert")
+    if missed == "skip":
         train_ex = [e for e in train_ex if e.hit]
         if not train_ex:
             raise QueryError(f"the retriever of {run.path} misses every training target in its top-{cfg.candidates}: "
@@ -345,6 +348,7 @@ def train_reranker(run_dir: str | Path, mode: Literal["listwise", "pointwise", "
         "best_step": best["step"], "steps": step, "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
         "threads": torch.get_num_threads(), "train_users": len({e.user for e in train_ex}),
         "train_examples": len(train_ex), "train_positions": positions, "train_batch": batch_size, "lr": lr,
+        "missed_targets": missed,
         "settings": dataclasses.asdict(cfg), "valid": valid, "history": history,
     })
     logger.info("reranker (%s) saved: best step %d of %d, fusion weight %g, valid ndcg@10 %.4f -> %.4f",

@@ -114,8 +114,10 @@ def test_fine_tune_serve_and_refuse_after_retraining(items_run: Path, tmp_path: 
     assert cli.main(query) == 2
     assert "no fine-tuned sequence reranker" in capsys.readouterr().err
     result = train_reranker(run, "sequence", FAST, device="cpu", progress=False, recommender=rec)
-    assert result.mode == "sequence" and result.weight in WEIGHTS and result.steps == 5  # 20 users x 2 / 8
     record = json.loads((run / "rerank" / "sequence.json").read_text())
+    # auto: only the lists whose target the retriever found (of 20 users x 2 positions), 8 per step
+    assert record["missed_targets"] == "skip" and 0 < record["train_examples"] < 40
+    assert result.mode == "sequence" and result.weight in WEIGHTS and result.steps == -(-record["train_examples"] // 8)
     assert record["train_positions"] == 2 and record["history"][0]["step"] == 0
     assert record["lr"] == 5e-4 and record["train_batch"] == 8  # rerank.lr=0: the sequence mode's own rate
     # step 0 is the retriever's own order: the head starts at zero
