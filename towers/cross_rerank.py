@@ -110,7 +110,7 @@ class SequenceReranker(nn.Module):
                 raise QueryError(f"sequence reranking: history {u} is empty")
             if not len(c):
                 raise QueryError(f"sequence reranking: candidate list {u} is empty")
-        t, c = max(len(h) for h in hist), max(len(c) for c in candidates)
+        t = max(len(h) for h in hist)  # candidates start after the longest history
         b, length = len(hist), t + max(len(c) for c in candidates)
         rows = torch.zeros(b, length, dtype=torch.long)
         allowed = torch.zeros(b, length, length, dtype=torch.bool)
