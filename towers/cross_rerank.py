@@ -38,7 +38,7 @@ from torch import nn
 from configs import RerankConfig
 from data.rundir import RunDir
 from errors import CheckpointError, ConfigError, QueryError
-from towers.rerank import adapter_paths, fuse, lora_settings, wrap_lora
+from towers.rerank import fuse, lora_settings, read_adapter, wrap_lora, write_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -197,31 +197,17 @@ class SequenceReranker(nn.Module):
 
     def save_adapter(self, run_dir: str | Path, meta: dict) -> Path:
         """Write ``run_dir/rerank/sequence.safetensors`` and its settings (JSON), each atomically."""
-        from safetensors.torch import save
-
-        from data.atomic import write_file, write_text
-        weights, settings = adapter_paths(run_dir, "sequence")
         record = {"mode": "sequence", "user_tower": self.fingerprint, "lora": self.adapter, "weight": self.weight,
                   **meta}
-        blob = save(self.adapter_state(), metadata={"mode": "sequence"})
-        write_file(weights, lambda tmp: tmp.write_bytes(blob))
-        write_text(settings, json.dumps(record, indent=2))
-        return weights
+        return write_adapter(run_dir, "sequence", self.adapter_state(), record)
 
     def load_adapter(self, run_dir: str | Path) -> bool:
         """Load the run's fine-tuned sequence reranker (False when there is none). One trained from another user
         tower (the run was retrained since) or an unreadable one is a :class:`CheckpointError`."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        weights, settings = adapter_paths(run_dir, "sequence")
-        if not weights.is_file():
+        found = read_adapter(run_dir, "sequence")
+        if found is None:
             return False
-        try:
-            record = json.loads(settings.read_text())
-            state = load_file(str(weights))
-        except (OSError, ValueError, SafetensorError) as err:
-            raise CheckpointError(f"{weights}: unreadable reranker adapter ({err}); rerun train-rerank") from None
+        weights, record, state = found
         if record.get("mode") != "sequence" or record.get("user_tower") != self.fingerprint:
             raise CheckpointError(f"{weights}: trained from another user tower than {RunDir(run_dir).path}'s "
                                   "(the run was retrained since); rerun train-rerank --mode sequence")

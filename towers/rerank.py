@@ -262,17 +262,9 @@ class LLMReranker(nn.Module):
 
     def save_adapter(self, run_dir: str | Path, meta: dict) -> Path:
         """Write the adapter into ``run_dir/rerank/<mode>.safetensors`` and its settings beside it (JSON)."""
-        from safetensors.torch import save
-
-        from data.atomic import write_file, write_text
-
-        weights, settings = adapter_paths(run_dir, self.cfg.mode)
         record = {"mode": self.cfg.mode, "model": self.model_ref, "lora": self.adapter, "weight": self.weight,
                   "history_tokens": self.cfg.history_tokens, "title_tokens": self.cfg.title_tokens, **meta}
-        blob = save(self.adapter_state(), metadata={"mode": self.cfg.mode})
-        write_file(weights, lambda tmp: tmp.write_bytes(blob))
-        write_text(settings, json.dumps(record, indent=2))
-        return weights
+        return write_adapter(run_dir, self.cfg.mode, self.adapter_state(), record)
 
     def load_adapter(self, run_dir: str | Path) -> bool:
         """Load ``run_dir``'s fine-tuned adapter for this mode, if there is one, with its fusion weight.
@@ -280,17 +272,10 @@ class LLMReranker(nn.Module):
         Returns False (zero-shot) when the run has none; an adapter for another model, or an unreadable one, is a
         :class:`CheckpointError`.
         """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        weights, settings = adapter_paths(run_dir, self.cfg.mode)
-        if not weights.is_file():
+        found = read_adapter(run_dir, self.cfg.mode)
+        if found is None:
             return False
-        try:
-            record = json.loads(settings.read_text())
-            state = load_file(str(weights))
-        except (OSError, ValueError, SafetensorError) as err:
-            raise CheckpointError(f"{weights}: unreadable reranker adapter ({err}); rerun train-rerank") from None
+        weights, record, state = found
         if record.get("model") != self.model_ref or record.get("mode") != self.cfg.mode:
             raise CheckpointError(f"{weights}: adapter for {record.get('mode')} reranking with model "
                                   f"{record.get('model')!r}, not {self.cfg.mode} with {self.model_ref!r}")
@@ -344,6 +329,34 @@ def adapter_paths(run_dir: str | Path, mode: str) -> tuple[Path, Path]:
     """``(weights, settings)`` of a run's fine-tuned reranker for ``mode``."""
     folder = RunDir(run_dir).path / RunDir.RERANK
     return folder / f"{mode}.safetensors", folder / f"{mode}.json"
+
+
+def write_adapter(run_dir: str | Path, mode: str, state: dict[str, torch.Tensor], record: dict) -> Path:
+    """Write a fine-tuned reranker's weights (safetensors) and its record (JSON) for ``mode``, each atomically."""
+    from safetensors.torch import save
+
+    from data.atomic import write_file, write_text
+
+    weights, settings = adapter_paths(run_dir, mode)
+    blob = save(state, metadata={"mode": mode})
+    write_file(weights, lambda tmp: tmp.write_bytes(blob))
+    write_text(settings, json.dumps(record, indent=2))
+    return weights
+
+
+def read_adapter(run_dir: str | Path, mode: str) -> tuple[Path, dict, dict[str, torch.Tensor]] | None:
+    """``(weights path, record, state)`` of the run's fine-tuned reranker for ``mode``; None when there is none,
+    a :class:`CheckpointError` when it cannot be read."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights, settings = adapter_paths(run_dir, mode)
+    if not weights.is_file():
+        return None
+    try:
+        return weights, json.loads(settings.read_text()), load_file(str(weights))
+    except (OSError, ValueError, SafetensorError) as err:
+        raise CheckpointError(f"{weights}: unreadable reranker adapter ({err}); rerun train-rerank") from None
 
 
 def history_builder(data: DataConfig, rerank: RerankConfig, titles: Sequence[str],
