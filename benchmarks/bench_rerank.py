@@ -130,6 +130,7 @@ def quality_benchmark(args) -> dict:
             record["weight"] = rr.weight
             record["valid"] = rr.trained["valid"]["fused"]
             record["valid_llm_alone"] = rr.trained["valid"]["fine_tuned_llm_alone"]
+            record["valid_two_fold"] = rr.trained["valid"].get("two_fold")  # adapters saved before it: None
             record["fine_tuning"] = {k: rr.trained.get(k) for k in ("seconds", "cpu_seconds", "threads", "steps",
                                                                      "best_step", "train_users", "train_examples",
                                                                      "train_positions", "train_batch", "lr")}

@@ -96,6 +96,28 @@ def test_tune_weight_picks_the_best_fusion_on_validation() -> None:
     assert tune_weight(examples, useless)[0] == 0.0  # all weights tie: the smallest
 
 
+def test_two_fold_gain_is_honest_about_noise_and_keeps_a_real_gain() -> None:
+    """Reranker scores that are noise: the gain read on the users the weight was tuned on is never below 0
+    (weight 0 is always there), and the held-out halves read less. Scores that find the target: the held-out
+    halves keep nearly the whole in-sample gain."""
+    from train.rerank import two_fold_gain
+
+    def in_sample(examples, scores) -> float:
+        return max(tune_weight(examples, scores)[1].values()) / rerank_metrics(examples, None, 0.0)["ndcg@10"] - 1
+
+    retrieval = np.linspace(1.0, 0.0, 10).astype(np.float32)
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        examples = [Example(u, [99], int(t), list(range(10)), retrieval) for u, t in enumerate(rng.integers(0, 10, 100))]
+        noise = [torch.from_numpy(rng.normal(size=10).astype(np.float32)) for _ in examples]
+        held = two_fold_gain(examples, noise, splits=20)
+        assert 0 <= in_sample(examples, noise) and held["gain"] < in_sample(examples, noise)
+        assert held["p5"] <= held["gain"] <= held["p95"]
+    oracle = [torch.nn.functional.one_hot(torch.tensor(e.target), 10).float() for e in examples]
+    assert in_sample(examples, oracle) > 1
+    assert two_fold_gain(examples, oracle, splits=20)["gain"] == pytest.approx(in_sample(examples, oracle), rel=0.05)
+
+
 def test_fine_tune_listwise_saves_an_adapter_the_recommender_serves(run: Path, monkeypatch) -> None:
     seen: list[Example] = []
     real_loss = train_rerank._listwise_loss
@@ -108,7 +130,7 @@ def test_fine_tune_listwise_saves_an_adapter_the_recommender_serves(run: Path, m
     result = train_reranker(run, "listwise", FAST, device="cpu", progress=False)
     assert result.mode == "listwise" and result.steps == 3 and result.weight in WEIGHTS
     assert [h["step"] for h in result.history] == [0, 3]  # zero-shot first, then once per epoch
-    assert set(result.valid) >= {"retrieval", "zero_shot_llm_alone", "fine_tuned_llm_alone", "fused"}
+    assert set(result.valid) >= {"retrieval", "zero_shot_llm_alone", "fine_tuned_llm_alone", "fused", "two_fold"}
     # Training saw 12 users, each with the retriever's top-10 and the true next training item among them.
     rec = Recommender.load(run, device="cpu")
     split = split_catalog(rec.config, RunDir(run).load_catalog())
