@@ -104,9 +104,10 @@ def quality_benchmark(args) -> dict:
         rec.configure_rerank(mode=mode)
         try:
             rr = rec.build_reranker(adapter=not zero_shot)
-        except CheckpointError:  # the sequence mode refuses to run without its adapter
-            rr = None
-        if not zero_shot and (rr is None or rr.trained is None):
+        except CheckpointError as err:  # sequence: no adapter yet, or one from before a retrain (refused)
+            print(f"{name}: {err}")
+            continue
+        if not zero_shot and rr.trained is None:
             print(f"{name}: no fine-tuned {mode} adapter in {run.path} (run `cli.py train-rerank --mode {mode}`)")
             continue
         t0 = time.time()

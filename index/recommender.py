@@ -153,14 +153,15 @@ class Recommender:
             self._reranker = self.build_reranker()
         return self._reranker
 
-    def build_reranker(self, adapter: bool = True):
-        """A new :class:`towers.rerank.LLMReranker` as configured, with the run's adapter for its mode when
-        ``adapter`` and there is one, and its ``history`` prompt builder attached."""
+    def build_reranker(self, adapter: bool = True, cfg=None):
+        """A new :class:`towers.rerank.LLMReranker` as configured (or as ``cfg``, a ``RerankConfig``, says), with
+        the run's adapter for its mode when ``adapter`` and there is one, and its ``history`` prompt builder
+        attached."""
         from towers.rerank import LLMReranker, history_builder
 
-        cfg = self.config.rerank
+        cfg = cfg or self.config.rerank
         if cfg.mode == "sequence":
-            return self._sequence_reranker(adapter)
+            return self._sequence_reranker(cfg, adapter)
         ref = cfg.model or self.config.user.model
         rr = LLMReranker(cfg, ref, self.tokenizer if ref == self.config.user.model else None)
         if adapter:
@@ -170,7 +171,7 @@ class Recommender:
             self.config.data, rr.cfg, self.titles, self.items["text"].to_list(), rr.tokenizer)
         return rr.to(self.device)
 
-    def _sequence_reranker(self, adapter: bool):
+    def _sequence_reranker(self, cfg, adapter: bool):
         """The item-sequence cross-encoder (``rerank.mode: sequence``) from this run's user tower; served only
         fine-tuned (an untrained one scores every candidate alike)."""
         from towers.cross_rerank import SequenceReranker
@@ -178,7 +179,7 @@ class Recommender:
         if self.vectors is None:
             raise ConfigError("rerank.mode=sequence reads history items as the user tower does: it needs an "
                               "item-sequence user tower (user.input: items); use listwise or pointwise")
-        rr = SequenceReranker(self.config.rerank, self.model.user, self.vectors, self.id_rows, self.title_vectors)
+        rr = SequenceReranker(cfg, self.model.user, self.vectors, self.id_rows, self.title_vectors)
         if adapter and not rr.load_adapter(self.run_dir):
             raise CheckpointError(f"{self.run_dir} has no fine-tuned sequence reranker: run `towerrec train-rerank "
                                   f"--run {self.run_dir} --mode sequence` first")
@@ -656,16 +657,11 @@ class Recommender:
         if self.config.rerank.mode != "sequence":
             return self.reranker
         if self._text_lm is None:
-            from configs import LETTER_LABELS, config_from_dict
+            from configs import LETTER_LABELS
 
-            tree = self.config.to_dict()
-            tree["rerank"]["mode"] = "listwise"
-            tree["rerank"]["candidates"] = min(tree["rerank"]["candidates"], LETTER_LABELS)
-            keep, self.config = self.config, config_from_dict(tree)
-            try:
-                self._text_lm = self.build_reranker(adapter=False)
-            finally:
-                self.config = keep
+            cfg = self.config.rerank
+            text = dataclasses.replace(cfg, mode="listwise", candidates=min(cfg.candidates, LETTER_LABELS))
+            self._text_lm = self.build_reranker(adapter=False, cfg=text)
         return self._text_lm
 
     @property

@@ -205,8 +205,9 @@ def two_fold_gain(examples: Sequence[Example], scores: Sequence[torch.Tensor], s
         halves = order[: len(order) // 2], order[len(order) // 2:]
         for tune, held in (halves, halves[::-1]):
             w = max(WEIGHTS, key=lambda w: (ndcg(w, tune), -w))  # the smallest weight on ties, as tune_weight
-            if ndcg(0.0, held) > 0:
-                gains.append(ndcg(w, held) / ndcg(0.0, held) - 1)
+            base = ndcg(0.0, held)
+            if base > 0:
+                gains.append(ndcg(w, held) / base - 1)
     if not gains:
         return {"gain": 0.0, "p5": 0.0, "p95": 0.0}
     return {"gain": round(float(np.mean(gains)), 4), "p5": round(float(np.percentile(gains, 5)), 4),
