@@ -1,4 +1,5 @@
-"""towerrec command line: prepare, train, build-index, reindex, train-rerank, query, evaluate, serve.
+"""towerrec command line: prepare, train, build-index, reindex, train-rerank, train-reasons, query, evaluate,
+serve.
 
 Subcommands only parse arguments and call library functions. Bad input (any :class:`errors.TowerrecError`)
 ends with one line on stderr and exit code 2; anything else is a bug and keeps its traceback.
@@ -148,6 +149,15 @@ def cmd_train_rerank(args) -> None:
                       "steps": r.steps, "seconds": round(r.seconds, 1), "valid": r.valid}, indent=2))
 
 
+def cmd_train_reasons(args) -> None:
+    from train.explain import train_reasons
+
+    r = train_reasons(args.run, overrides=args.set, catalog_dir=args.catalog, device=args.device,
+                      progress=not args.quiet)
+    print(json.dumps({k: r[k] for k in ("best_step", "steps", "valid_exact", "valid_users", "train_reasons",
+                                        "seconds")} | {"run": args.run}, indent=2))
+
+
 def cmd_evaluate(args) -> None:
     from index.evaluate import evaluate
 
@@ -262,6 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_train_rerank)
+
+    s = sub.add_parser("train-reasons", parents=[common],
+                       help="fine-tune the LM that writes personalised reasons, with LoRA (saved into RUN/rerank/)")
+    s.add_argument("--run", required=True, help="a trained run with a built index")
+    s.add_argument("--set", action="append", default=[], metavar="rerank.FIELD=VALUE",
+                   help="override a rerank setting, e.g. rerank.train_users=300 or rerank.epochs=1 (repeatable)")
+    s.add_argument("--catalog", help="the training catalog's new location, if it moved (content must match)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_train_reasons)
 
     s = sub.add_parser("evaluate", parents=[common], help="Recall/NDCG/MRR@5/10/20 under the leave-one-out protocol")
     s.add_argument("--run", required=True)

@@ -260,7 +260,7 @@ class RerankConfig(_Checked):
     patience: int = _bounded(2, ge=0)  # validations without improvement of validation NDCG@10 before stopping
     negatives: int = _bounded(4, ge=1)  # pointwise training: hard negatives (from the retriever's top-N) per user
     max_minutes: float = _bounded(0.0, ge=0)  # fine-tuning time cap in minutes (0 = none); validation still runs
-    explain_tokens: int = _bounded(24, ge=4)  # personalised reasons: generated tokens at most
+    explain_tokens: int = _bounded(48, ge=4)  # personalised reasons: generated tokens at most (two titles and a clause)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -48,7 +48,7 @@ class Recommendation:
 
 
 MAX_K = 1000  # the most items one query returns
-EXPLAIN_CANDIDATES = 3  # a reason may quote the history items closest to the recommendation: this many
+EXPLAIN_CANDIDATES = 3  # a reason may quote the history items with the most evidence for the recommendation: this many
 
 
 class Results(list):
@@ -106,6 +106,10 @@ class Recommender:
         self._text_lm = None  # reasons under rerank.mode=sequence: a zero-shot text LM (see _text_reranker)
         self._explainer = None  # reasons: built on first use, for the reranker's LM (towers.explain.Explainer)
         self._matcher = None  # catalog titles for grounding reasons (towers.explain.TitleMatcher)
+        self._reasons_lm = None  # reasons: the LM with the run's fine-tuned reasons adapter (train-reasons)
+        self._use_reasons_adapter = True
+        self._cooccurrence = None  # reasons' evidence: towers.explain.CoOccurrence over the served histories
+        self._genres = None  # each index row's genres (towers.explain.genre_list), () without a genres column
         # Item-sequence user tower: history items are read as their item embeddings (kept beside the index)
         # and, for an own input table, their id-table rows (-1 for items without one).
         self.vectors = vectors
@@ -196,7 +200,8 @@ class Recommender:
         tree = self.config.to_dict()
         tree["rerank"].update(changes)
         self.config = config_from_dict(tree)
-        self._reranker = None
+        self._reranker = self._text_lm = None
+        self._reasons_lm = None
 
     # -- id handling ---------------------------------------------------------------------------------------
     def _key(self, item_id, where: str = ""):
@@ -608,14 +613,15 @@ class Recommender:
         :class:`towers.explain.Reason` (``str(reason)`` is its text; ``cites`` the history item ids it names).
 
         ``history_or_user`` is a known user id or a history (item ids, oldest first); ``recommendations`` are
-        :class:`Recommendation` objects or item ids. The LM writes each reason (batched, at most
-        ``rerank.explain_tokens`` tokens), and inside quotes it can only write the title of one of the
-        ``EXPLAIN_CANDIDATES`` history items (of those its prompt shows) closest to the recommendation by item
-        embedding. A reason that still names an item outside the history, or cites none, is replaced by a
-        template citing the two history items most similar to the recommendation by item embedding
-        (``source="template"``); ``llm=False`` gives the templates alone, with no LM pass.
+        :class:`Recommendation` objects or item ids. The history items the prompt shows are ranked by evidence
+        for each recommendation (co-occurrence in the served users' histories, then item-embedding similarity);
+        the LM writes each reason (batched, at most ``rerank.explain_tokens`` tokens), and inside quotes it can
+        only write the title of one of the top ``EXPLAIN_CANDIDATES``. A reason that still names an item outside
+        the history, cites none, or names a genre the recommendation does not share with an item it cites is
+        replaced by the template over the two history items with the most evidence (``source="template"``);
+        ``llm=False`` gives the templates alone, with no LM pass.
         """
-        from towers.explain import Explainer, Reason, ground, template_reason
+        from towers.explain import Ask, Reason, genre_claims, ground, shared_genres, template_reason
 
         if isinstance(history_or_user, (str, bytes, numbers.Integral)) and not isinstance(history_or_user, bool):
             history = self.history_of(history_or_user)
@@ -628,27 +634,109 @@ class Recommender:
                    for r in _id_list(recommendations, "recommendations")]
         if not targets:
             return []
+        genres = self.genres
         texts = [None] * len(targets)
         if llm:
-            rr = self._text_reranker
-            if self._explainer is None or self._explainer.rr is not rr:
-                self._explainer = Explainer(rr)  # reads the tokenizer's vocabulary once
-            profile = rr.history.build(rows)
+            explainer = self._reason_writer()
+            profile = explainer.rr.history.build(rows)
             shown = list(dict.fromkeys(profile.items))
-            # each recommendation may quote only the shown history items closest to it by item embedding
-            citable = [[self.titles[r] for r in self._most_similar(shown, t, EXPLAIN_CANDIDATES)] for t in targets]
-            texts = self._explainer.generate(profile.input_ids, citable, [self.titles[t] for t in targets])
+            asks = [Ask(self.titles[t], genres[t], tuple((self.titles[r], genres[r]) for r in
+                                                           self.evidence_rank(shown, t, EXPLAIN_CANDIDATES)))
+                    for t in targets]
+            texts = explainer.generate(profile.input_ids, asks)
         unique = list(dict.fromkeys(rows))
+        vocabulary = self._genre_vocabulary
         reasons = []
         for target, text in zip(targets, texts):
             cites = ground(text, self._title_matcher, unique) if text is not None else None
-            if cites is not None:
+            if cites is not None and genre_claims(text, vocabulary) <= set(
+                    shared_genres(genres[target], [genres[c] for c in cites], limit=None)):
                 reasons.append(Reason(text, tuple(self.item_ids[r] for r in cites), "llm"))
                 continue
-            near = self._most_similar(unique, target, 2)
-            reasons.append(Reason(template_reason([self.titles[r] for r in near]),
-                                  tuple(self.item_ids[r] for r in near), "template"))
+            best = self.evidence_rank(unique, target, 2)
+            reasons.append(Reason(template_reason([self.titles[r] for r in best],
+                                                  shared_genres(genres[target], [genres[r] for r in best])),
+                                  tuple(self.item_ids[r] for r in best), "template"))
         return reasons
+
+    def _reason_writer(self):
+        """The :class:`towers.explain.Explainer` that writes reasons: the run's fine-tuned reasons adapter (unless
+        :meth:`use_reasons_adapter` turned it off), else the reranker's text LM without its adapter."""
+        from towers.explain import Explainer
+
+        if self._use_reasons_adapter and self._reasons_lm is None:
+            self._reasons_lm = self._load_reasons_lm() or False
+        rr, adapter = (self._reasons_lm, True) if self._use_reasons_adapter and self._reasons_lm else \
+            (self._text_reranker, False)
+        if self._explainer is None or self._explainer.rr is not rr:
+            self._explainer = Explainer(rr, adapter=adapter)  # reads the tokenizer's vocabulary once
+        return self._explainer
+
+    def _load_reasons_lm(self):
+        """The text LM with the run's reasons adapter (``train-reasons``), or None when the run has none."""
+        from towers.explain import REASONS
+        from towers.rerank import read_adapter
+
+        found = read_adapter(self.run_dir, REASONS)
+        if found is None:
+            return None
+        weights, record, state = found
+        rr = self.build_reranker(adapter=False, cfg=self._text_config())
+        if record.get("model") != rr.model_ref:
+            raise CheckpointError(f"{weights}: reasons adapter for model {record.get('model')!r}, not "
+                                  f"{rr.model_ref!r}; rerun train-reasons")
+        rr.add_lora(record["lora"])
+        rr.load_adapter_state(state)
+        rr.eval()
+        rr.trained = record
+        logger.info("reasons: fine-tuned adapter from %s", weights)
+        return rr
+
+    def use_reasons_adapter(self, on: bool = True) -> bool:
+        """Write reasons with the run's fine-tuned reasons adapter (``on``, the default where the run has one) or
+        with the zero-shot LM; returns whether the adapter is in use."""
+        self._use_reasons_adapter = bool(on)
+        return self._reason_writer().adapter
+
+    @property
+    def cooccurrence(self):
+        """Reasons' evidence: :class:`towers.explain.CoOccurrence` over the served users' histories (built on
+        first use; assign another, e.g. one over held-out-free histories, to evaluate reasons)."""
+        if self._cooccurrence is None:
+            from towers.explain import CoOccurrence
+
+            known = [[self.index_items.row(i) for i in h if i in self.index_items] for h in self.histories.values()]
+            self._cooccurrence = CoOccurrence(known, len(self.item_ids))
+        return self._cooccurrence
+
+    @cooccurrence.setter
+    def cooccurrence(self, value) -> None:
+        self._cooccurrence = value
+
+    @property
+    def genres(self) -> list[tuple[str, ...]]:
+        """Each index row's genres, lower case (all empty when the index has no ``genres`` column)."""
+        if self._genres is None:
+            from towers.explain import genre_list
+
+            cells = self.items["genres"].to_list() if "genres" in self.items.columns else [None] * len(self.item_ids)
+            self._genres = [genre_list(g if isinstance(g, str) else None) for g in cells]
+        return self._genres
+
+    @property
+    def _genre_vocabulary(self) -> list[str]:
+        return sorted({g for gs in self.genres for g in gs})
+
+    def evidence_rank(self, rows: list[int], target: int, n: int, cooccurrence=None,
+                      exclude_user: int | None = None) -> list[int]:
+        """The ``n`` of ``rows`` with the most evidence for ``target``: co-occurrence strength (``cooccurrence``,
+        default :attr:`cooccurrence`; ``exclude_user`` not counted), then item-embedding cosine, then the most
+        recent (``towers.explain.evidence_order``)."""
+        from towers.explain import evidence_order
+
+        co = self.cooccurrence if cooccurrence is None else cooccurrence
+        order = evidence_order(co.strength(target, rows, exclude_user), self._similarities(rows, target))
+        return [rows[i] for i in order[:n]]
 
     @property
     def _text_reranker(self):
@@ -657,12 +745,17 @@ class Recommender:
         if self.config.rerank.mode != "sequence":
             return self.reranker
         if self._text_lm is None:
-            from configs import LETTER_LABELS
-
-            cfg = self.config.rerank
-            text = dataclasses.replace(cfg, mode="listwise", candidates=min(cfg.candidates, LETTER_LABELS))
-            self._text_lm = self.build_reranker(adapter=False, cfg=text)
+            self._text_lm = self.build_reranker(adapter=False, cfg=self._text_config())
         return self._text_lm
+
+    def _text_config(self):
+        """``rerank`` settings for a text LM (listwise: the sequence mode has no text prompt)."""
+        from configs import LETTER_LABELS
+
+        cfg = self.config.rerank
+        if cfg.mode != "sequence":
+            return cfg
+        return dataclasses.replace(cfg, mode="listwise", candidates=min(cfg.candidates, LETTER_LABELS))
 
     @property
     def _title_matcher(self):
@@ -672,8 +765,9 @@ class Recommender:
             self._matcher = TitleMatcher(self.titles)
         return self._matcher
 
-    def _most_similar(self, rows: list[int], target: int, n: int) -> list[int]:
-        """The ``n`` history rows closest to ``target`` by item-embedding cosine (most recent first on ties)."""
+    def _similarities(self, rows: list[int], target: int) -> np.ndarray | None:
+        """Item-embedding cosine of each of ``rows`` with ``target``; None for an index that cannot give its
+        vectors back."""
         def vector(r: int) -> np.ndarray:
             if self.vectors is not None:
                 return np.asarray(self.vectors[r], dtype=np.float32)
@@ -681,14 +775,12 @@ class Recommender:
 
         try:
             v = np.stack([vector(r) for r in rows + [target]])
-        except RuntimeError:  # an index that cannot give its vectors back: the most recent items instead
-            logger.warning("index %s cannot reconstruct item vectors; reasons cite the most recent items",
+        except RuntimeError:
+            logger.warning("index %s cannot reconstruct item vectors; reasons rank history items without them",
                            self.version.name)
-            return rows[::-1][:n]
+            return None
         v /= np.linalg.norm(v, axis=1, keepdims=True) + 1e-12
-        sims = v[:-1] @ v[-1]
-        order = sorted(range(len(rows)), key=lambda i: (-sims[i], -i))
-        return [rows[i] for i in order[:n]]
+        return v[:-1] @ v[-1]
 
 
 def _check_k(k) -> None:

@@ -1,33 +1,49 @@
 """Personalised reasons: one short sentence per recommended item, citing items from the user's history.
 
-The reranker's LM (without its adapter) continues a prompt that ends with ``Because you watched "``. Generation
-is batched, greedy and capped at ``rerank.explain_tokens``, and constrained (:class:`QuotedHistoryTitles`):
-inside double quotes the LM can only write, token by token, the title of one of the history items closest to
-the recommendation by item embedding (``Recommender.explain`` passes three), so the item it cites is its own
-choice among history items the model really links to the recommendation.
+The data chooses what a reason may rest on; the LM writes it. For each recommendation the history items shown
+in the prompt are ranked by evidence (:func:`evidence_order`): how strongly other users' histories tie each to
+the recommendation (:class:`CoOccurrence`), then item-embedding similarity (which is all a new item has). The
+prompt names the recommendation, the top ``EXPLAIN_CANDIDATES`` of those items and their genres (when the
+catalog has a ``genres`` column), and ends with ``Because you watched "``::
 
-Every reason is then checked (:func:`ground`): it must cite at least one history item, and no title it names,
-quoted or not, may be outside the history (a free clause after the quotes could still name another film, or
-the recommendation itself as if it had been watched). A reason that fails is replaced by a template citing the
-history items closest to the recommendation by item embedding (``Recommender.explain``), so no reason ever
-names an item the user has not seen.
+    Recommended next: "Ronin (1998)" (action, crime, thriller)
+    Related items this user watched: "Heat (1995)" (action, crime, thriller); "Fargo (1996)" (crime, drama)
+    In one short sentence, say why this user will like it, citing one or two of those items.
+    Reason: Because you watched "
+
+Generation is batched, greedy, capped at ``rerank.explain_tokens`` and constrained
+(:class:`QuotedHistoryTitles`): inside double quotes the LM can only write, token by token, one of those items'
+titles. The LM is the reranker's (its listwise or pointwise adapter switched off), or a reasons adapter
+fine-tuned by ``towerrec train-reasons`` (``train/explain.py``) to write the sentence :func:`template_reason`
+composes from the same evidence: ``Because you watched "Heat (1995)" and "Fargo (1996)": another
+crime/thriller pick.``
+
+Every reason is then checked (:func:`ground`, :func:`genre_claims`): it must cite at least one history item, no
+title it names, quoted or not, may be outside the history, and every genre it names must be one the
+recommendation shares with an item it cites. A reason that fails is replaced by :func:`template_reason` over the
+two history items with the most evidence, so no reason names an item the user has not seen or a genre the data
+does not back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers import LogitsProcessor
 
 from errors import ModelLoadError
 from towers.rerank import LLMReranker
 
-PROMPT = ('Recommended next: "{title}"\nIn one short sentence, say why this user will like it, citing one or two '
-          'of the items above.\nReason: Because you watched')  # then the opening quote token
+PROMPT = ('Recommended next: "{title}"{about}\nRelated items this user watched: {related}\nIn one short sentence, say '
+          'why this user will like it, citing one or two of those items.\nReason: Because you watched')
+# then the opening quote token
 OPENING = 'Because you watched "'
+REASONS = "reasons"  # the reasons adapter's name in a run's rerank/ folder (reasons.safetensors, reasons.json)
 
 
 @dataclass(frozen=True)
@@ -156,11 +172,26 @@ class QuotedHistoryTitles(LogitsProcessor):
         return scores
 
 
-class Explainer:
-    """Writes reasons with a reranker's LM (its adapter switched off: it was tuned to answer letters)."""
+@dataclass(frozen=True)
+class Ask:
+    """What one reason is written about: the recommendation, and the history items it may cite, best first."""
 
-    def __init__(self, reranker: LLMReranker):
+    title: str
+    genres: tuple[str, ...]  # the recommendation's genres (empty when the catalog has none)
+    related: tuple[tuple[str, tuple[str, ...]], ...]  # (title, genres) of each citable history item
+
+
+def _about(genres: Sequence[str]) -> str:
+    return f" ({', '.join(genres)})" if genres else ""
+
+
+class Explainer:
+    """Writes reasons with a text LM: the reranker's with its adapter switched off (it was tuned to answer
+    letters), or, with ``adapter=True``, one whose adapter was fine-tuned to write reasons."""
+
+    def __init__(self, reranker: LLMReranker, adapter: bool = False):
         self.rr = reranker
+        self.adapter = adapter
         tok = reranker.tokenizer
         tokens = tok.convert_ids_to_tokens(list(range(len(tok))))
         quoted = [i for i, t in enumerate(tokens) if t is not None and '"' in t]
@@ -171,60 +202,141 @@ class Explainer:
         self.merged_ids = [i for i in quoted if i not in bare]
         opening = reranker._encode(' "')
         self.open_id = opening[-1] if opening and opening[-1] in bare else min(bare)
-        self._tails: dict[str, list[int]] = {}
+        closing = reranker._encode('"')
+        self.close_id = closing[0] if len(closing) == 1 and closing[0] in bare else self.open_id
+        # A line break or the end of text ends a reason (a tokenizer with neither, like BERT's: its separator).
+        stop = {*tok("\n", add_special_tokens=False)["input_ids"], tok.eos_token_id} - {None}
+        self.stop_ids = sorted(stop or {tok.sep_token_id} - {None})
 
-    def _tail(self, title: str) -> list[int]:
-        ids = self._tails.get(title)
-        if ids is None:
-            ids = self.rr._encode(PROMPT.format(title=title)) + [self.open_id]
-            self._tails[title] = ids
-        return ids
+    def prompt_tail(self, ask: Ask) -> list[int]:
+        """The prompt after the profile, up to and including the opening quote of the first citation."""
+        related = "; ".join(f'"{t}"{_about(g)}' for t, g in ask.related)
+        return self.rr._encode(PROMPT.format(title=ask.title, about=_about(ask.genres), related=related)) + [self.open_id]
+
+    def continuation_ids(self, titles: Sequence[str], genres: Sequence[str] = ()) -> list[int]:
+        """The tokens that write :func:`template_reason` ``(titles, genres)`` after :meth:`prompt_tail`, as the
+        constrained generation would (each title as :class:`QuotedHistoryTitles` allows it, bare quotes), then a
+        line break, which ends generation: the target of reasons fine-tuning."""
+        enc = self.rr._encode
+        ids: list[int] = []
+        for i, title in enumerate(titles):
+            if i:
+                ids += enc(" and" if i == len(titles) - 1 else ",") + [self.open_id]
+            ids += enc(title) + [self.close_id]
+        ids += enc(f": another {'/'.join(genres)} pick." if genres else ".")
+        return ids + self.stop_ids[:1]
 
     @torch.inference_mode()
-    def generate(self, profile_ids: Sequence[int], cite_titles: Sequence[str] | Sequence[Sequence[str]],
-                 titles: Sequence[str]) -> list[str]:
-        """One reason text per recommended title, greedy, ``rerank.explain_tokens`` new tokens at most, quoting
-        only ``cite_titles``: one list for every title (the history items the prompt shows), or one list per
-        title (``Recommender.explain`` gives each recommendation its most similar history items)."""
+    def generate(self, profile_ids: Sequence[int], asks: Sequence[Ask]) -> list[str]:
+        """One reason text per :class:`Ask`, greedy, ``rerank.explain_tokens`` new tokens at most, quoting only
+        the ask's related titles."""
+        return self.generate_batch([profile_ids] * len(asks), asks)
+
+    @torch.inference_mode()
+    def generate_batch(self, profiles: Sequence[Sequence[int]], asks: Sequence[Ask]) -> list[str]:
+        """:meth:`generate` with one profile per ask (asks of several users share forward passes)."""
         lm, tok = self.rr.lm, self.rr.tokenizer
         device = lm.get_output_embeddings().weight.device
-        stop = {t for t in tok("\n", add_special_tokens=False)["input_ids"]} | {tok.eos_token_id}
-        stop.discard(None)
-        per_title = bool(cite_titles) and not isinstance(cite_titles[0], str)
-        if per_title and len(cite_titles) != len(titles):
-            raise ValueError(f"{len(cite_titles)} lists of citable titles for {len(titles)} recommendations")
         encoded: dict[str, list[int]] = {}
-
-        def citable(ts: Sequence[str]) -> list[list[int]]:
-            return [encoded.setdefault(t, self.rr._encode(t)) for t in dict.fromkeys(ts)]
-
-        shared = None if per_title else citable(cite_titles)
         out: list[str] = []
         bs = self.rr.cfg.batch_size
-        with self.rr.base_model():
-            for start in range(0, len(titles), bs):
-                prompts = [list(profile_ids) + self._tail(t) for t in titles[start:start + bs]]
+        with (contextlib.nullcontext() if self.adapter else self.rr.base_model()):
+            for start in range(0, len(asks), bs):
+                chunk = asks[start:start + bs]
+                prompts = [list(p) + self.prompt_tail(a) for p, a in zip(profiles[start:start + bs], chunk)]
                 width = max(len(p) for p in prompts)
                 ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
                 mask = torch.zeros((len(prompts), width), dtype=torch.long)
                 for i, p in enumerate(prompts):  # left-padded, so every row's next token comes at the same step
                     ids[i, width - len(p):] = torch.as_tensor(p)
                     mask[i, width - len(p):] = 1
-                rows = range(start, start + len(prompts))
-                allowed = [citable(cite_titles[i]) for i in rows] if per_title else [shared] * len(prompts)
+                allowed = [[encoded.setdefault(t, self.rr._encode(t)) for t in dict.fromkeys(t for t, _ in a.related)]
+                           for a in chunk]
                 constraint = QuotedHistoryTitles(allowed, self.quote_ids, self.merged_ids, width)
                 gen = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                   max_new_tokens=self.rr.cfg.explain_tokens, do_sample=False,
-                                  pad_token_id=tok.pad_token_id, eos_token_id=sorted(stop),
+                                  pad_token_id=tok.pad_token_id, eos_token_id=self.stop_ids,
                                   logits_processor=[constraint])
                 for row in gen[:, width:].tolist():
-                    cut = next((i for i, t in enumerate(row) if t in stop or t == tok.pad_token_id), None)
+                    cut = next((i for i, t in enumerate(row) if t in self.stop_ids or t == tok.pad_token_id), None)
                     out.append(finish(tok.decode(row[:cut], skip_special_tokens=True), capped=cut is None))
         return out
 
 
-def template_reason(history_titles: Sequence[str]) -> str:
-    """The fallback: ``Because you watched "X" and "Y".`` for the given (most similar) history titles."""
+class CoOccurrence:
+    """How strongly users' histories tie items together: for items ``a`` and ``b``, ``n(a, b) / sqrt(n(a) n(b))``,
+    the cosine of the sets of users who engaged with each ("people who watched A also watched B").
+
+    Built from histories of rows (index-table rows, any order). A pair shared by fewer than ``min_count`` users
+    scores 0: one shared user is chance. :meth:`strength` can leave one user out (a training example whose target
+    is in that user's own history must not count that user as evidence for itself).
+    """
+
+    def __init__(self, histories: Sequence[Sequence[int]], num_items: int, min_count: int = 2):
+        users = [np.unique(np.asarray(h, dtype=np.int64)) for h in histories]
+        lengths = np.asarray([len(u) for u in users], dtype=np.int64)
+        self.user_ptr = np.concatenate([[0], np.cumsum(lengths)])
+        self.user_items = np.concatenate(users) if users else np.zeros(0, dtype=np.int64)
+        if len(self.user_items) and (self.user_items.min() < 0 or self.user_items.max() >= num_items):
+            raise ValueError(f"co-occurrence: a history row is outside 0..{num_items - 1}")
+        owners = np.repeat(np.arange(len(users), dtype=np.int64), lengths)
+        order = np.argsort(self.user_items, kind="stable")
+        self.item_users = owners[order]  # users of each item, item by item
+        self.item_ptr = np.searchsorted(self.user_items[order], np.arange(num_items + 1))
+        self.count = np.diff(self.item_ptr)  # users per item
+        self.num_items, self.min_count = num_items, min_count
+
+    def strength(self, target: int, rows: Sequence[int], exclude_user: int | None = None) -> np.ndarray:
+        """``(len(rows),)`` co-occurrence cosine of each row with ``target`` (``exclude_user`` not counted)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        users = self.item_users[self.item_ptr[target]:self.item_ptr[target + 1]]
+        count = self.count.copy()
+        if exclude_user is not None:
+            users = users[users != exclude_user]
+            own = self.user_items[self.user_ptr[exclude_user]:self.user_ptr[exclude_user + 1]]
+            count[own] -= 1
+        if not len(users) or not len(rows):
+            return np.zeros(len(rows))
+        items = np.concatenate([self.user_items[self.user_ptr[u]:self.user_ptr[u + 1]] for u in users])
+        shared = np.bincount(items, minlength=self.num_items)[rows].astype(np.float64)
+        shared[shared < self.min_count] = 0
+        return shared / np.sqrt(np.maximum(count[rows], 1) * len(users))
+
+
+_NO_GENRE = {"", "(no genres listed)", "unknown"}
+
+
+def genre_list(genres: str | None) -> tuple[str, ...]:
+    """The genres of a catalog ``genres`` cell (comma- or pipe-separated), lower case, in order."""
+    if not genres:
+        return ()
+    out = [g.strip().lower() for g in re.split(r"[,|]", genres)]
+    return tuple(dict.fromkeys(g for g in out if g not in _NO_GENRE))
+
+
+def shared_genres(target: Sequence[str], cited: Sequence[Sequence[str]], limit: int = 2) -> tuple[str, ...]:
+    """The recommendation's genres that a cited item has too, in the recommendation's order (at most ``limit``)."""
+    theirs = {g for c in cited for g in c}
+    return tuple(g for g in target if g in theirs)[:limit]
+
+
+def genre_claims(text: str, vocabulary: Sequence[str]) -> set[str]:
+    """The catalog genres a reason names outside quotes (whole words: "crime", "sci-fi", "film-noir")."""
+    outside = " " + re.sub(r'"[^"]*"', " ", text).lower() + " "
+    return {g for g in vocabulary if re.search(rf"(?<![\w-]){re.escape(g)}(?![\w-])", outside)}
+
+
+def template_reason(history_titles: Sequence[str], genres: Sequence[str] = ()) -> str:
+    """``Because you watched "X" and "Y": another crime/thriller pick.`` for the given history titles and the
+    genres the recommendation shares with them (no genre clause without any)."""
     quoted = [f'"{t}"' for t in history_titles]
     body = quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
-    return f"Because you watched {body}."
+    return f"Because you watched {body}" + (f": another {'/'.join(genres)} pick." if genres else ".")
+
+
+def evidence_order(strength: np.ndarray, similarity: np.ndarray | None) -> list[int]:
+    """Indices of history items, most evidence first: co-occurrence ``strength``, then item-embedding
+    ``similarity`` (None: unknown), then the most recent (the higher index) first."""
+    n = len(strength)
+    sim = similarity if similarity is not None else np.zeros(n)
+    return sorted(range(n), key=lambda i: (-strength[i], -sim[i], -i))

@@ -228,11 +228,11 @@ class RerankResult:
     history: list[dict] = field(default_factory=list)  # one record per validation
 
 
-def rerank_config(run: RunDir, mode: str | None, overrides: Sequence[str]) -> Config:
+def rerank_config(run: RunDir, mode: str | None, overrides: Sequence[str], command: str = "train-rerank") -> Config:
     """The run's config with ``rerank.*`` overrides (``mode`` too); other sections cannot change here."""
     for o in overrides:
         if not o.strip().startswith("rerank."):
-            raise ConfigError(f"--set {o}: train-rerank changes rerank.* settings only")
+            raise ConfigError(f"--set {o}: {command} changes rerank.* settings only")
     tree = run.read_config().to_dict()
     if mode is not None:
         tree["rerank"]["mode"] = mode

@@ -13,7 +13,7 @@ import pytest
 import cli
 from errors import ConfigError, QueryError
 from index.recommender import EXPLAIN_CANDIDATES, Recommender
-from towers.explain import Explainer, TitleMatcher, ground, normalise_title
+from towers.explain import Ask, Explainer, TitleMatcher, ground, normalise_title, template_reason
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +85,14 @@ def test_reasons_cite_only_the_history(rec: Recommender, user) -> None:
         quoted, unquoted = rec._title_matcher.mentions(str(reason))
         for name in quoted + unquoted:  # every title it names is a history item's
             assert set(rec._title_matcher.by_norm[name]) & set(rows)
-    # A written reason quotes only history items the model links to the recommendation: one of the
-    # EXPLAIN_CANDIDATES history items (of those its prompt shows) closest to it by item embedding.
+    # A written reason quotes only history items with evidence for the recommendation: one of the
+    # EXPLAIN_CANDIDATES history items (of those its prompt shows) that rank first by co-occurrence, then by
+    # item-embedding similarity.
     shown = list(dict.fromkeys(rec.reranker.history.build(rows).items))
     written = [(r, x) for r, x in zip(recs, reasons) if x.source == "llm"]
     assert written, "the LM wrote no grounded reason at all"
     for r, x in written:
-        near = rec._most_similar(shown, rec.index_items.row(r.item_id), EXPLAIN_CANDIDATES)
+        near = rec.evidence_rank(shown, rec.index_items.row(r.item_id), EXPLAIN_CANDIDATES)
         assert {rec.index_items.row(c) for c in x.cites} <= set(near), (x.text, [rec.titles[n] for n in near])
         assert x.text.endswith((".", "!", "?", "…"))
         assert all(q == q.strip() for q in re.findall(r'"([^"]*)"', x.text)), x.text
@@ -106,7 +107,8 @@ def test_constrained_generation_quotes_history_titles(rec: Recommender, user) ->
     rr = rec.reranker
     profile = rr.history.build(rec._rows(rec.history_of(user)))
     shown = [rec.titles[r] for r in profile.items]
-    texts = Explainer(rr).generate(profile.input_ids, shown, [rec.titles[0], rec.titles[1], rec.titles[2]])
+    related = tuple((t, ()) for t in shown)
+    texts = Explainer(rr).generate(profile.input_ids, [Ask(rec.titles[i], (), related) for i in range(3)])
     allowed = {normalise_title(rr.tokenizer.decode(rr._encode(t))) for t in shown}
     assert len(texts) == 3
     for text in texts:
@@ -114,25 +116,40 @@ def test_constrained_generation_quotes_history_titles(rec: Recommender, user) ->
         assert quoted and set(quoted) <= allowed, text
 
 
-def test_template_cites_the_most_similar_history_items(rec: Recommender, user, monkeypatch) -> None:
+def test_template_cites_the_history_items_with_the_most_evidence(rec: Recommender, user, monkeypatch) -> None:
+    """A reason naming an unseen item, citing nothing, or claiming a genre the data does not back is replaced by
+    the template over the two history items with the most evidence: co-occurrence first, then similarity."""
     history = rec.history_of(user)
     rows = list(dict.fromkeys(rec._rows(history)))
     target = rec.recommend(user_id=user, k=1, rerank=False)[0]
+    t = rec.index_items.row(target.item_id)
     v = np.stack([rec.index.reconstruct(int(rec.faiss_ids[r])) for r in rows])
-    t = rec.index.reconstruct(int(rec.faiss_ids[rec.index_items.row(target.item_id)]))
-    sims = (v / np.linalg.norm(v, axis=1, keepdims=True)) @ (t / np.linalg.norm(t))
-    want = tuple(rec.item_ids[rows[i]] for i in np.argsort(-sims)[:2])
+    tv = rec.index.reconstruct(int(rec.faiss_ids[t]))
+    sims = (v / np.linalg.norm(v, axis=1, keepdims=True)) @ (tv / np.linalg.norm(tv))
+    strength = rec.cooccurrence.strength(t, rows)
+    order = sorted(range(len(rows)), key=lambda i: (-strength[i], -sims[i], -i))
+    want = tuple(rec.item_ids[rows[i]] for i in order[:2])
+    assert rec.evidence_rank(rows, t, 2) == [rows[i] for i in order[:2]]
+    # Genres: the recommendation is a comedy and drama; the first history item a drama; nothing else has any.
+    genres = [()] * len(rec.item_ids)
+    genres[t], genres[rows[0]] = ("comedy", "drama"), ("drama",)
+    monkeypatch.setattr(rec, "_genres", genres)
     seen_title, unseen = rec.titles[rows[0]], next(i for i in rec.item_ids if i not in history)
     unseen_title = rec.titles[rec.index_items.row(unseen)]
     written = [f'Because you watched "{seen_title}" and "{unseen_title}".',  # names an unseen item
                f'Because you watched "{seen_title}", a classic.',  # grounded
-               "Because you like films."]  # cites nothing
-    monkeypatch.setattr(Explainer, "generate", lambda self, profile, shown, titles: written[: len(titles)])
-    reasons = rec.explain(user, [target] * 3)
-    assert [r.source for r in reasons] == ["template", "llm", "template"]
+               "Because you like films.",  # cites nothing
+               f'Because you watched "{seen_title}": another drama pick.',  # a genre both have
+               f'Because you watched "{seen_title}": another comedy pick.']  # the cited item is no comedy
+    monkeypatch.setattr(Explainer, "generate", lambda self, profile, asks: written[: len(asks)])
+    reasons = rec.explain(user, [target] * 5)
+    assert [r.source for r in reasons] == ["template", "llm", "template", "llm", "template"]
     assert reasons[1].text == written[1] and reasons[1].cites == (rec.item_ids[rows[0]],)
-    assert reasons[0].cites == want and reasons[2].cites == want
+    assert reasons[3].text == written[3]
+    assert reasons[0].cites == reasons[2].cites == reasons[4].cites == want
     assert unseen_title not in reasons[0].text
+    shared = ("drama",) if rec.item_ids[rows[0]] in want else ()
+    assert reasons[0].text == template_reason([rec.titles[rec.index_items.row(i)] for i in want], shared)
 
 
 def test_recommend_with_explain(rec: Recommender, user) -> None:
