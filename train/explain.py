@@ -206,7 +206,7 @@ def train_reasons(run_dir: str | Path, overrides: Sequence[str] = (), catalog_di
     from data.protocol import split_catalog
     from data.rundir import RunDir
     from towers.rerank import write_adapter
-    from train.rerank import rerank_config
+    from train.rerank import adapter_optimizer, rerank_config
 
     t_start, cpu_start = time.time(), time.process_time()
     run = RunDir(run_dir).require()
@@ -236,14 +236,11 @@ def train_reasons(run_dir: str | Path, overrides: Sequence[str] = (), catalog_di
                 len({t.user for t in train}), len(valid))
 
     rr.add_lora()
-    params = [p for p in rr.parameters() if p.requires_grad]
     lr = cfg.lr or REASONS_LR
     batch_size = cfg.train_batch or REASONS_BATCH
-    optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(train) / batch_size)
     total = steps_per_epoch * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / max(1, total // 10))
-                                              * max(0.0, 1 - s / total))
+    params, optim, sched = adapter_optimizer(rr, lr, total)
     eval_every = cfg.eval_every or steps_per_epoch
     deadline = t_start + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
     history: list[dict] = []

@@ -289,13 +289,10 @@ def train_reranker(run_dir: str | Path, mode: Literal["listwise", "pointwise", "
 
     rr = rec.build_reranker(adapter=False)  # from the base model, even where the run has an adapter already
     rr.add_lora()
-    params = [p for p in rr.parameters() if p.requires_grad]
     lr = cfg.lr or (SEQUENCE_LR if cfg.mode == "sequence" else 2e-4)
-    optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(train_ex) / batch_size)
     total = steps_per_epoch * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / max(1, total // 10))
-                                              * max(0.0, 1 - s / total))
+    params, optim, sched = adapter_optimizer(rr, lr, total)
     eval_every = cfg.eval_every or steps_per_epoch
     deadline = t_start + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
 
@@ -388,6 +385,17 @@ def train_reranker(run_dir: str | Path, mode: Literal["listwise", "pointwise", "
                 100 * (valid["fused"]["ndcg@10"] / max(valid["retrieval"]["ndcg@10"], 1e-12) - 1),
                 *(100 * valid["two_fold"][k] for k in ("gain", "p5", "p95")))
     return RerankResult(run.path, cfg.mode, weight, best["step"], step, seconds, valid, history)
+
+
+def adapter_optimizer(model: torch.nn.Module, lr: float, total: int):
+    """``(params, optimizer, scheduler)`` for fine-tuning ``model``'s trainable parameters (its adapters): AdamW
+    without weight decay, the rate warmed up linearly over the first tenth of ``total`` steps, then decayed
+    linearly to 0."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / max(1, total // 10))
+                                              * max(0.0, 1 - s / total))
+    return params, optim, sched
 
 
 def _listwise_loss(rr: LLMReranker, batch: list[Example], titles: Sequence[str], rng: random.Random) -> float:

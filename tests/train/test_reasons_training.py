@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -32,17 +31,6 @@ from towers.explain import (
 from train.explain import _continuation_loss, _written, evaluate_reasons, reason_tasks, train_reasons
 
 FAST = ["rerank.train_users=8", "rerank.train_positions=1", "rerank.eval_users=4", "rerank.epochs=1"]
-
-
-@pytest.fixture()
-def run(tiny_run: Path, tmp_path: Path) -> Path:
-    """A private copy of the tiny run (fine-tuning writes into it)."""
-    return Path(shutil.copytree(tiny_run, tmp_path / "run"))
-
-
-@pytest.fixture(scope="module")
-def rec(tiny_run: Path) -> Recommender:
-    return Recommender.load(tiny_run, device="cpu")
 
 
 def fake_genres(n: int) -> list[tuple[str, ...]]:

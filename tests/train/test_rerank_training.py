@@ -4,7 +4,6 @@ top-N is the candidate list, the adapter is saved into the run and served, and t
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -29,17 +28,6 @@ from train.rerank import (
 )
 
 FAST = ["rerank.train_users=12", "rerank.eval_users=10", "rerank.epochs=1", "rerank.train_batch=4"]
-
-
-@pytest.fixture()
-def run(tiny_run: Path, tmp_path: Path) -> Path:
-    """A private copy of the tiny run (fine-tuning writes into it)."""
-    return Path(shutil.copytree(tiny_run, tmp_path / "run"))
-
-
-@pytest.fixture(scope="module")
-def rec(tiny_run: Path) -> Recommender:
-    return Recommender.load(tiny_run, device="cpu")
 
 
 @pytest.fixture(scope="module")
