@@ -615,8 +615,9 @@ class Recommender:
         ``history_or_user`` is a known user id or a history (item ids, oldest first); ``recommendations`` are
         :class:`Recommendation` objects or item ids. The history items the prompt shows are ranked by evidence
         for each recommendation (co-occurrence in the served users' histories, then item-embedding similarity);
-        the LM writes each reason (batched, at most ``rerank.explain_tokens`` tokens), and inside quotes it can
-        only write the title of one of the top ``EXPLAIN_CANDIDATES``. A reason that still names an item outside
+        the prompt gives the top ``EXPLAIN_CANDIDATES`` with the genres each shares with the recommendation; the LM
+        writes each reason (batched, at most ``rerank.explain_tokens`` tokens), and inside quotes it can only write
+        the title of one of them, each at most once. A reason that still names an item outside
         the history, cites none, or names a genre the recommendation does not share with an item it cites is
         replaced by the template over the two history items with the most evidence (``source="template"``);
         ``llm=False`` gives the templates alone, with no LM pass.
@@ -640,8 +641,8 @@ class Recommender:
             explainer = self._reason_writer()
             profile = explainer.rr.history.build(rows)
             shown = list(dict.fromkeys(profile.items))
-            asks = [Ask(self.titles[t], genres[t], tuple((self.titles[r], genres[r]) for r in
-                                                           self.evidence_rank(shown, t, EXPLAIN_CANDIDATES)))
+            asks = [Ask(self.titles[t], genres[t], tuple((self.titles[r], shared_genres(genres[t], [genres[r]], None))
+                                                           for r in self.evidence_rank(shown, t, EXPLAIN_CANDIDATES)))
                     for t in targets]
             texts = explainer.generate(profile.input_ids, asks)
         unique = list(dict.fromkeys(rows))

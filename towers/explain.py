@@ -3,20 +3,20 @@
 The data chooses what a reason may rest on; the LM writes it. For each recommendation the history items shown
 in the prompt are ranked by evidence (:func:`evidence_order`): how strongly other users' histories tie each to
 the recommendation (:class:`CoOccurrence`), then item-embedding similarity (which is all a new item has). The
-prompt names the recommendation, the top ``EXPLAIN_CANDIDATES`` of those items and their genres (when the
-catalog has a ``genres`` column), and ends with ``Because you watched "``::
+prompt names the recommendation and its genres (when the catalog has a ``genres`` column), the top
+``EXPLAIN_CANDIDATES`` of those items with the genres each shares with it, and ends with ``Because you watched "``::
 
     Recommended next: "Ronin (1998)" (action, crime, thriller)
-    Related items this user watched: "Heat (1995)" (action, crime, thriller); "Fargo (1996)" (crime, drama)
+    Related items this user watched (genres in common): "Heat (1995)" (action, crime, thriller); "Fargo (1996)" (crime)
     In one short sentence, say why this user will like it, citing one or two of those items.
     Reason: Because you watched "
 
 Generation is batched, greedy, capped at ``rerank.explain_tokens`` and constrained
 (:class:`QuotedHistoryTitles`): inside double quotes the LM can only write, token by token, one of those items'
-titles. The LM is the reranker's (its listwise or pointwise adapter switched off), or a reasons adapter
-fine-tuned by ``towerrec train-reasons`` (``train/explain.py``) to write the sentence :func:`template_reason`
-composes from the same evidence: ``Because you watched "Heat (1995)" and "Fargo (1996)": another
-crime/thriller pick.``
+titles, each at most once. The LM is the reranker's (its listwise or pointwise adapter switched off), or a
+reasons adapter fine-tuned by ``towerrec train-reasons`` (``train/explain.py``) to write the sentence
+:func:`template_reason` composes from the same evidence: ``Because you watched "Heat (1995)" and "Fargo (1996)":
+another action/crime pick.``
 
 Every reason is then checked (:func:`ground`, :func:`genre_claims`): it must cite at least one history item, no
 title it names, quoted or not, may be outside the history, and every genre it names must be one the
@@ -39,8 +39,9 @@ from transformers import LogitsProcessor
 from errors import ModelLoadError
 from towers.rerank import LLMReranker
 
-PROMPT = ('Recommended next: "{title}"{about}\nRelated items this user watched: {related}\nIn one short sentence, say '
-          'why this user will like it, citing one or two of those items.\nReason: Because you watched')
+PROMPT = ('Recommended next: "{title}"{about}\nRelated items this user watched (genres in common): {related}\nIn one '
+          'short sentence, say why this user will like it, citing one or two of those items.\nReason: Because you '
+          'watched')
 # then the opening quote token
 OPENING = 'Because you watched "'
 REASONS = "reasons"  # the reasons adapter's name in a run's rerank/ folder (reasons.safetensors, reasons.json)
@@ -128,47 +129,44 @@ def finish(generated: str, capped: bool) -> str:
 
 
 class QuotedHistoryTitles(LogitsProcessor):
-    """Constrains generation so that whatever is written inside double quotes is a whole allowed title.
+    """Constrains generation so that whatever is written inside double quotes is a whole allowed title, each
+    title at most once.
 
     Each row starts inside an opening quote (the prompt ends with one). Inside quotes, the next token must extend
-    one of ``titles`` (token sequences, a trie), and a bare quote token closes a complete title. Outside quotes,
-    a quote may only be opened by a bare quote token (no token that merges a quote with other text).
+    one of ``titles`` not quoted yet (token sequences), and a bare quote token closes a complete title. Outside
+    quotes, a quote may only be opened by a bare quote token (no token that merges a quote with other text), and
+    not at all once every title has been quoted.
     """
 
     def __init__(self, titles: Sequence[Sequence[Sequence[int]]], quote_ids: set[int], merged_quote_ids: list[int],
                  start: int):
         """``titles[b]``: the allowed titles (token sequences) of batch row ``b``."""
-        self.next: list[dict[tuple, set[int]]] = []
-        self.complete: list[set[tuple]] = []
-        for row_titles in titles:
-            complete = {tuple(t) for t in row_titles if t}
-            nxt: dict[tuple, set[int]] = {}
-            for t in complete:
-                for i in range(len(t)):
-                    nxt.setdefault(t[:i], set()).add(t[i])
-            self.next.append(nxt)
-            self.complete.append(complete)
+        self.titles = [{tuple(t) for t in row_titles if t} for row_titles in titles]
         self.quotes, self.merged, self.start = quote_ids, merged_quote_ids, start
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for b, row in enumerate(input_ids[:, self.start:].tolist()):
-            complete, nxt = self.complete[b], self.next[b]
+            left = set(self.titles[b])  # titles not quoted yet
             inside, since = True, ()
             for t in row:
-                if inside and t in self.quotes and since in complete:
+                if inside and t in self.quotes and since in left:
                     inside = False
+                    left.discard(since)
                 elif inside:
                     since += (t,)
                 elif t in self.quotes:
                     inside, since = True, ()
             if inside:
-                allowed = set(nxt.get(since, ())) | (self.quotes if since in complete else set())
+                n = len(since)
+                allowed = {x[n] for x in left if len(x) > n and x[:n] == since} | (self.quotes if since in left else set())
                 if allowed:
                     keep = scores[b, sorted(allowed)].clone()
                     scores[b] = float("-inf")
                     scores[b, sorted(allowed)] = keep
-            elif self.merged:
-                scores[b, self.merged] = float("-inf")
+            else:
+                banned = self.merged + (sorted(self.quotes) if not left else [])
+                if banned:
+                    scores[b, banned] = float("-inf")
         return scores
 
 
@@ -178,7 +176,8 @@ class Ask:
 
     title: str
     genres: tuple[str, ...]  # the recommendation's genres (empty when the catalog has none)
-    related: tuple[tuple[str, tuple[str, ...]], ...]  # (title, genres) of each citable history item
+    related: tuple[tuple[str, tuple[str, ...]], ...]  # each citable history item: (title, genres it shares with
+    #                                                    the recommendation)
 
 
 def _about(genres: Sequence[str]) -> str:

@@ -154,7 +154,8 @@ def reason_tasks(rec: Recommender, explainer: Explainer, co: CoOccurrence, split
             profile = builder.build(rows[history].tolist())
             shown = list(dict.fromkeys(profile.items))
             related = rec.evidence_rank(shown, t, EXPLAIN_CANDIDATES, co, u if which == "train" else None)
-            ask = Ask(rec.titles[t], genres[t], tuple((rec.titles[r], genres[r]) for r in related))
+            ask = Ask(rec.titles[t], genres[t], tuple((rec.titles[r], shared_genres(genres[t], [genres[r]], None))
+                                                      for r in related))
             cites = related[:2]
             shared = shared_genres(genres[t], [genres[c] for c in cites])
             titles = [rec.titles[c] for c in cites]

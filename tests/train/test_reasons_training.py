@@ -84,6 +84,24 @@ def gemma():
         pytest.skip(f"Gemma-3-270M is not installed: {err}")
 
 
+def test_constraint_quotes_each_allowed_title_once() -> None:
+    quote, other = 9, 10
+    constraint = QuotedHistoryTitles([[[5, 6], [5, 7], [8]]], {quote}, [11], start=0)
+
+    def allowed(row: list[int]) -> set[int]:
+        scores = constraint(torch.as_tensor([row]), torch.zeros(1, 12))
+        return {int(i) for i in torch.nonzero(torch.isfinite(scores[0])).flatten()}
+
+    assert allowed([]) == {5, 8}  # inside the opening quote: a first token of a title
+    assert allowed([5]) == {6, 7}
+    assert allowed([5, 6]) == {quote}  # complete: only the closing quote
+    assert 11 not in allowed([5, 6, quote]) and quote in allowed([5, 6, quote])  # outside: bare quotes only
+    assert allowed([5, 6, quote, other, quote]) == {5, 8}
+    assert allowed([5, 6, quote, other, quote, 5]) == {7}  # "5 6" was quoted already
+    assert allowed([5, 6, quote, quote, 5, 7, quote, quote]) == {8}
+    assert quote not in allowed([5, 6, quote, quote, 5, 7, quote, quote, 8, quote])  # all quoted: no new quote
+
+
 @pytest.mark.parametrize("genres", [(), ("drama", "sci-fi")])
 @pytest.mark.parametrize("lm", ["tiny", "gemma"])
 def test_the_taught_tokens_are_what_constrained_generation_can_write(rec: Recommender, genres, lm, request) -> None:
@@ -135,6 +153,9 @@ def test_reason_tasks_and_a_fine_tune_that_learns_them(rec: Recommender, tiny_ru
         strength = co.strength(target, shown, exclude_user=t.user)
         best = rec.evidence_rank(shown, target, 3, co, t.user)
         assert [title for title, _ in t.ask.related] == [rec.titles[r] for r in best]
+        # each with the genres it shares with the recommendation, in the recommendation's order
+        assert [g for _, g in t.ask.related] == [tuple(x for x in rec.genres[target] if x in rec.genres[r])
+                                                 for r in best]
         assert strength[shown.index(best[0])] == strength.max()
         assert t.text == template_reason([rec.titles[r] for r in best[:2]],
                                          shared_genres(rec.genres[target], [rec.genres[r] for r in best[:2]]))
