@@ -62,7 +62,7 @@ def main() -> None:
     for name in args.variants.split(","):
         if name not in VARIANTS:
             raise SystemExit(f"unknown variant {name!r}; choose from {VARIANTS}")
-        if not rec.use_reasons_adapter(name == "fine-tuned") and name == "fine-tuned":
+        if rec.use_reasons_adapter(name == "fine-tuned") != (name == "fine-tuned"):
             print(f"{name}: {run.path} has no reasons adapter (run `cli.py train-reasons --run {run.path}`)")
             continue
         t0 = time.time()

@@ -42,7 +42,6 @@ from towers.explain import (
     CoOccurrence,
     Explainer,
     genre_claims,
-    genre_list,
     shared_genres,
     template_reason,
 )
@@ -57,13 +56,6 @@ def held_out_cooccurrence(split: Split, rows: np.ndarray, which: Literal["valid"
     return CoOccurrence([rows[seq[:-cut]] for seq in split.sequences], int(rows.max()) + 1)
 
 
-def catalog_genres(rec: Recommender) -> list[tuple[str, ...]] | None:
-    """Each index row's genres (``towers.explain.genre_list``), or None when the index has no genres column."""
-    if "genres" not in rec.items.columns:
-        return None
-    return [genre_list(g) for g in rec.items["genres"].to_list()]
-
-
 def evaluate_reasons(rec: Recommender, split: Split, users: Sequence[int], which: Literal["valid", "test"],
                      progress: bool = False, examples: list | None = None) -> dict:
     """Write a reason for each user's held-out item after their history and score it (module docstring).
@@ -75,11 +67,10 @@ def evaluate_reasons(rec: Recommender, split: Split, users: Sequence[int], which
     rows = np.asarray(rec._rows(split.item_ids, "split items"), dtype=np.int64)
     co = held_out_cooccurrence(split, rows, which)
     rec.cooccurrence = co
-    genres = catalog_genres(rec)
-    vocab = sorted({g for gs in genres for g in gs}) if genres else []
+    genres, vocab = rec.genres, rec._genre_vocabulary  # no vocabulary: the catalog has no genres column
     per: dict[str, list[float]] = {k: [] for k in ("llm", "two_cites", "evidence", "top_evidence", "claims",
                                                    "claim_precision", "words", "seconds")}
-    builder = rec._text_reranker.history
+    builder = rec._reason_writer().rr.history  # the prompt's history, as explain() builds it
     for u in tqdm(users, desc=f"reasons ({which})", disable=not progress):
         target, history, _ = held_out(split, u, which)
         if not len(history):
@@ -98,7 +89,7 @@ def evaluate_reasons(rec: Recommender, split: Split, users: Sequence[int], which
             per["top_evidence"].append(bool(s_cites.max() >= s_shown.max()))
         text = str(reason)
         per["words"].append(len(re.findall(r"\w+", text[text.rfind('"') + 1:])))
-        if genres is not None:
+        if vocab:
             claimed = genre_claims(text, vocab)
             per["claims"].append(bool(claimed))
             if claimed:
