@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="log progress at INFO level (also shows transformers' own messages)")
-    p = argparse.ArgumentParser(prog="towerrec", description=__doc__.splitlines()[0], parents=[common])
+    p = argparse.ArgumentParser(prog="towerrec", description=" ".join(__doc__.split("\n\n")[0].split()), parents=[common])
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("prepare", parents=[common], help="build a catalog (items.parquet + interactions.parquet)",

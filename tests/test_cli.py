@@ -18,7 +18,8 @@ import cli
 from index.recommender import Recommender
 from index.store import live_version
 
-SUBCOMMANDS = ("prepare", "train", "build-index", "query", "evaluate")
+SUBCOMMANDS = ("prepare", "train", "build-index", "reindex", "query", "train-rerank", "train-reasons", "evaluate",
+               "serve")
 
 
 def _csvs(folder: Path, items: str, interactions: str) -> tuple[Path, Path]:
@@ -86,6 +87,16 @@ def test_subcommand_help(command: str, capsys: pytest.CaptureFixture) -> None:
         cli.main([command, "--help"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith(f"usage: towerrec {command}")
+
+
+def test_top_level_help_names_every_subcommand(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    description = out.split("\n\n")[1]  # the paragraph under the usage lines
+    for command in SUBCOMMANDS:
+        assert command in description, command
 
 
 def test_no_subcommand_is_a_usage_error(capsys: pytest.CaptureFixture) -> None:
