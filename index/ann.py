@@ -178,12 +178,16 @@ def _first_k(ok: np.ndarray, labels: np.ndarray, scores: np.ndarray, k: int):
 
 
 def _exclusion_keys(exclude: list[np.ndarray] | None, n: int) -> np.ndarray | None:
-    """Sorted ``query * n + internal id`` keys of per-query exclusions (``None`` when there are none)."""
-    if not exclude or not any(len(e) for e in exclude):
+    """Sorted ``query * n + internal id`` keys of per-query exclusions (``None`` when there are none).
+
+    An id of -1 (an item that is not in the index, e.g. a retired one in a history) excludes nothing; lists
+    made only of those give ``None``, as no exclusions do.
+    """
+    if not exclude:
         return None
-    keys = np.concatenate([q * n + np.asarray(e, dtype=np.int64)[np.asarray(e) >= 0]
-                           for q, e in enumerate(exclude)])
-    return np.unique(keys)
+    ids = [np.asarray(e, dtype=np.int64).reshape(-1) for e in exclude]
+    keys = np.unique(np.concatenate([q * n + e[e >= 0] for q, e in enumerate(ids)]))
+    return keys if len(keys) else None
 
 
 def _excluded(keys: np.ndarray, queries: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
@@ -253,7 +257,7 @@ class FaissSearcher:
             sel = _bitmap_selector(keep, refs)
         post_keep = keep if sel is None and passing < n else None
         keys = _exclusion_keys(exclude, n)
-        longest = max((len(e) for e in exclude), default=0) if exclude else 0
+        longest = max((int((np.asarray(e) >= 0).sum()) for e in exclude), default=0) if exclude else 0
         rate = 1.0 if post_keep is None else passing / n
         fetch = min(n, math.ceil(k / rate * (1.1 if rate < 1 else 1.0)) + longest)
         pending = np.arange(b)

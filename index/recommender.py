@@ -26,7 +26,8 @@ from data.profiles import profile_builder
 from data.rundir import RunDir
 from errors import CheckpointError, ConfigError, IndexStateError, QueryError
 from index import ann
-from index.store import live_version, read_vectors, read_version
+from index.store import is_version_name, live_version, read_vectors, read_version
+from index.where import where_mask
 from towers.device import resolve_device
 from towers.factory import TwoTower, item_fingerprint, load_towers
 from towers.hub import load_tokenizer
@@ -58,12 +59,16 @@ class Results(list):
     Attributes:
         version: name of the index version that answered (a folder under ``<run>/index/``).
         latency_ms: wall time of the call, from arguments to answer (for a batch: the whole batch's).
+        hint: why the list is shorter than asked where the query itself explains it (e.g. every item of
+            ``allow`` is already in the history), else None.
     """
 
-    def __init__(self, items: Iterable[Recommendation] = (), version: str = "", latency_ms: float = 0.0):
+    def __init__(self, items: Iterable[Recommendation] = (), version: str = "", latency_ms: float = 0.0,
+                 hint: str | None = None):
         super().__init__(items)
         self.version = version
         self.latency_ms = latency_ms
+        self.hint = hint
 
     @property
     def items(self) -> list[Recommendation]:
@@ -71,7 +76,9 @@ class Results(list):
         return list(self)
 
     def __repr__(self) -> str:
-        return f"Results(version={self.version!r}, latency_ms={self.latency_ms:.3f}, items={list.__repr__(self)})"
+        hint = f", hint={self.hint!r}" if self.hint else ""
+        return (f"Results(version={self.version!r}, latency_ms={self.latency_ms:.3f}{hint}, "
+                f"items={list.__repr__(self)})")
 
 
 @dataclass(frozen=True)
@@ -133,6 +140,9 @@ class Recommender:
         was trained on); ``evaluate`` refuses such a catalog outright.
         """
         run = RunDir(run_dir).require()
+        if version is not None and not is_version_name(version):  # before any model loads
+            raise IndexStateError(f"version {version!r} is not an index version name: it must name a folder "
+                                  f"directly inside {run.index_root}")
         dev = resolve_device(device)
         model = load_towers(run, dev)
         folder = run.index_root / version if version else live_version(run.index_root)
@@ -300,11 +310,15 @@ class Recommender:
             deny: these item ids are never recommended.
             where: a condition on the items table's columns, as a polars expression (``pl.col("year") > 1990``)
                 or SQL text (``"year > 1990 AND genres LIKE '%Drama%'"``); items where it is null do not pass.
+                SQL text may use only the item columns, literals, comparisons, AND/OR/NOT, IN lists, LIKE, IS NULL,
+                BETWEEN, arithmetic and a few scalar functions (:mod:`index.where`); anything else, such as a
+                subquery or a table function, is a :class:`QueryError`.
             explain: give each recommendation a short reason grounded in the history (:meth:`explain`; an LM
                 pass per query, so off by default): ``reason``, ``reason_source`` and ``reason_cites``.
 
         Returns a :class:`Results`: a list of :class:`Recommendation` (best first; fewer than ``k`` only when
-        fewer items pass the filters) that also carries ``.version`` and ``.latency_ms``.
+        fewer items pass the filters) that also carries ``.version`` and ``.latency_ms``, and ``.hint`` where
+        ``allow`` items were left out as already seen (also logged as a WARNING).
         """
         started = time.perf_counter()
         if user_id is None and history is None:
@@ -344,6 +358,7 @@ class Recommender:
                 raise QueryError("histories is empty: give at least one history")
             histories = [_id_list(h, "history") for h in histories]
         rerank = self.config.rerank.enabled if rerank is None else bool(rerank)
+        allow = None if allow is None else _id_list(allow, "allow")  # read twice: by _keep and for hints
         keep = self._keep(allow, deny, where)  # filters are checked before the (slower) user tower runs
         excluded = [self._rows(h, "history") for h in histories]
         if exclude is not None:
@@ -359,21 +374,27 @@ class Recommender:
             lists = [[dataclasses.replace(r, reason=str(x), reason_source=x.source, reason_cites=tuple(x.cites))
                       for r, x in zip(recs, self.explain(h, recs))] if recs else recs
                      for h, recs in zip(histories, lists)]
+        hints = self._allow_hints(allow, keep, excluded, lists, k, "already seen (in the history or exclude)")
         latency = (time.perf_counter() - started) * 1e3
-        return [Results(recs, self.version.name, latency) for recs in lists]
+        return [Results(recs, self.version.name, latency, hint) for recs, hint in zip(lists, hints)]
 
     def similar(self, item_id, k: int = 10, allow: Iterable | None = None, deny: Iterable | None = None,
                 where: str | pl.Expr | None = None) -> Results:
         """Items like ``item_id``: the nearest items to its item-tower vector (the item itself left out).
 
-        Filters and the result type are those of :meth:`recommend`; ``score`` is the cosine similarity.
+        Filters and the result type are those of :meth:`recommend`; ``score`` is the cosine similarity. A retired
+        item (one that left the catalog; kept in the version for histories) is searched from the vector the
+        version keeps for it, as its histories are: it is never among the results itself.
         """
         started = time.perf_counter()
         _check_k(k)
-        row = self._rows([item_id], "item_id")[0]
+        row = self.index_items.row(self._key(item_id))
+        allow = None if allow is None else _id_list(allow, "allow")
         keep = self._keep(allow, deny, where)
         hits = self._retrieve(self._vector(row)[None], k, [[row]], keep, self.knobs)
-        return Results(self._lists(hits)[0], self.version.name, (time.perf_counter() - started) * 1e3)
+        lists = self._lists(hits)
+        hint = self._allow_hints(allow, keep, [[row]], lists, k, "the item itself")[0]
+        return Results(lists[0], self.version.name, (time.perf_counter() - started) * 1e3, hint)
 
     def search_vectors(self, vectors: np.ndarray, k: int = 10, exclude: Sequence[Iterable] | None = None,
                        allow: Iterable | None = None, deny: Iterable | None = None,
@@ -508,38 +529,50 @@ class Recommender:
         return keep[self._row_of]
 
     def _where_mask(self, where: str | pl.Expr) -> np.ndarray:
-        """Rows of the items table where the condition holds (null: does not)."""
+        """Rows of the items table where the condition holds (null: does not). SQL text is checked against
+        :mod:`index.where`'s grammar before polars sees it, so it can read no file; errors never quote item
+        values."""
         key = where if isinstance(where, str) else None
         if key is not None and key in self._where_cache:
             return self._where_cache[key]
-        if isinstance(where, str):
-            if not where.strip():
-                raise QueryError("where is empty: give a condition such as \"year > 1990\"")
-            try:
-                expr = pl.sql_expr(where)  # parsed as SQL into a polars expression: never evaluated as Python
-            except (pl.exceptions.PolarsError, ValueError) as err:
-                raise QueryError(f"where {where!r} is not a valid condition: {_first_line(err)}") from None
-        elif isinstance(where, pl.Expr):
-            expr = where
-        else:
-            raise QueryError(f"where must be a polars expression or SQL text, got {type(where).__name__}")
-        columns = self.items.columns
-        for name in expr.meta.root_names():
-            if name not in columns:
-                raise QueryError(f"where: unknown column {name!r}; the item columns are {', '.join(columns)}")
-        try:
-            out = self.items.select(expr.alias("where")).to_series()
-        except (pl.exceptions.PolarsError, ValueError, TypeError) as err:
-            raise QueryError(f"where {_describe(where)} cannot be evaluated: {_first_line(err)}") from None
-        if out.dtype != pl.Boolean or len(out) != self.items.height:
-            raise QueryError(f"where {_describe(where)} must give true or false for each item, got "
-                             f"{len(out)} value(s) of type {out.dtype}")
-        mask = out.fill_null(False).to_numpy().astype(bool)
+        mask = where_mask(self.items, where)
         if key is not None:
             if len(self._where_cache) >= 64:
                 self._where_cache.pop(next(iter(self._where_cache)))
             self._where_cache[key] = mask
         return mask
+
+    def _allow_hints(self, allow: list | None, keep: np.ndarray | None, excluded: list[list[int]],
+                     lists: list[list[Recommendation]], k: int, what: str) -> list[str | None]:
+        """Per query, a hint where its list came out short of ``k`` because items of ``allow`` that pass the
+        other filters were excluded (``what``: excluded as what), else None. Hints are logged (WARNING): one line
+        for a single query, a count for a batch."""
+        hints: list[str | None] = [None] * len(lists)
+        if allow is None or all(len(recs) >= k for recs in lists):
+            return hints
+        rows = np.unique(np.asarray(self._rows(allow, "allow"), dtype=np.int64))
+        internal = self._internal_of[rows]
+        passing = internal >= 0  # retired items are never recommended: they do not count
+        if keep is not None:
+            passing &= keep[np.maximum(internal, 0)]
+        passing = set(rows[passing].tolist())
+        for q, (rows_q, recs) in enumerate(zip(excluded, lists)):
+            left_out = passing.intersection(rows_q) if len(recs) < k else set()
+            if not left_out:
+                continue
+            if left_out == passing:
+                hints[q] = (f"all {len(passing)} allowed item(s) that pass the filters are {what}, and those are "
+                            "never recommended")
+            else:
+                hints[q] = (f"{len(left_out)} of the {len(passing)} allowed items that pass the filters are {what} "
+                            "and were left out")
+        given = [h for h in hints if h]
+        if len(lists) == 1 and given:
+            logger.warning("allow: %s", given[0])
+        elif given:
+            logger.warning("allow: %d of %d queries came out short because allowed items were %s (see each "
+                           "Results.hint)", len(given), len(lists), what)
+        return hints
 
     def _retrieve(self, users: np.ndarray, k: int, exclude_rows: list | None, keep: np.ndarray | None,
                   knobs: dict) -> Hits:
@@ -559,12 +592,18 @@ class Recommender:
         return out
 
     def _vector(self, row: int) -> np.ndarray:
-        """The item-tower vector of an items-table row (stored beside the index, else read back from it)."""
+        """The item-tower vector of an items-table row (stored beside the index, else read back from it).
+
+        A retired row (kept for histories, not in the FAISS index) has one only where the version stores its
+        vectors (``RunDir.INDEX_VECTORS``, which reindex and build-index write); otherwise it is a QueryError.
+        """
         if self._stored is not None:
             return np.asarray(self._stored[row], dtype=np.float32)
         internal = int(self._internal_of[row])
         if internal < 0:
-            raise QueryError(f"item {self.item_ids[row]!r} is not in index {self.version.name}")
+            raise QueryError(f"item {self.item_ids[row]!r} is retired: it left the catalog, and index "
+                             f"{self.version.name} has no vector kept for it ({RunDir.INDEX_VECTORS} is missing), "
+                             "so there is nothing to find similar items from")
         with self._lock:
             return np.asarray(ann.index_vectors_at(ann.unwrap(self.index)[0], [internal])[0], dtype=np.float32)
 
@@ -617,12 +656,21 @@ class Recommender:
         for each recommendation (co-occurrence in the served users' histories, then item-embedding similarity);
         the prompt gives the top ``EXPLAIN_CANDIDATES`` with the genres each shares with the recommendation; the LM
         writes each reason (batched, at most ``rerank.explain_tokens`` tokens), and inside quotes it can only write
-        the title of one of them, each at most once. A reason that still names an item outside
-        the history, cites none, or names a genre the recommendation does not share with an item it cites is
-        replaced by the template over the two history items with the most evidence (``source="template"``);
-        ``llm=False`` gives the templates alone, with no LM pass.
+        the title of one of them, each at most once. A reason that fails the checks of its form
+        (:func:`towers.explain.check_reason`: exact history titles, plain words, one short finished sentence), still
+        names an item outside the history, cites none, or names a genre the recommendation does not share with an
+        item it cites is replaced by the template over the two history items with the most evidence
+        (``source="template"``); ``llm=False`` gives the templates alone, with no LM pass.
         """
-        from towers.explain import Ask, Reason, genre_claims, ground, shared_genres, template_reason
+        from towers.explain import (
+            Ask,
+            Reason,
+            check_reason,
+            genre_claims,
+            ground,
+            shared_genres,
+            template_reason,
+        )
 
         if isinstance(history_or_user, (str, bytes, numbers.Integral)) and not isinstance(history_or_user, bool):
             history = self.history_of(history_or_user)
@@ -647,9 +695,11 @@ class Recommender:
             texts = explainer.generate(profile.input_ids, asks)
         unique = list(dict.fromkeys(rows))
         vocabulary = self._genre_vocabulary
+        quotable = [self.titles[r] for r in unique]
         reasons = []
         for target, text in zip(targets, texts):
-            cites = ground(text, self._title_matcher, unique) if text is not None else None
+            checked = text is not None and check_reason(text, quotable, (self.titles[target], *vocabulary)) is None
+            cites = ground(text, self._title_matcher, unique) if checked else None
             if cites is not None and genre_claims(text, vocabulary) <= set(
                     shared_genres(genres[target], [genres[c] for c in cites], limit=None)):
                 reasons.append(Reason(text, tuple(self.item_ids[r] for r in cites), "llm"))
@@ -768,10 +818,11 @@ class Recommender:
 
     def _similarities(self, rows: list[int], target: int) -> np.ndarray | None:
         """Item-embedding cosine of each of ``rows`` with ``target``; None for an index that cannot give its
-        vectors back."""
+        vectors back. The vectors stored beside the index come first: they cover retired rows too, which the
+        FAISS index does not hold."""
         def vector(r: int) -> np.ndarray:
-            if self.vectors is not None:
-                return np.asarray(self.vectors[r], dtype=np.float32)
+            if self._stored is not None:
+                return np.asarray(self._stored[r], dtype=np.float32)
             return np.asarray(self.index.reconstruct(int(self.faiss_ids[r])), dtype=np.float32)
 
         try:
@@ -794,17 +845,6 @@ def _check_k(k) -> None:
         raise QueryError(f"k must be at most {MAX_K}, got {k}")
 
 
-def _first_line(err: Exception, limit: int = 160) -> str:
-    """The first line of an error message, cut to ``limit`` characters (polars may append a parse tree)."""
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    line = lines[0] if lines else type(err).__name__
-    return line if len(line) <= limit else line[:limit - 3] + "..."
-
-
-def _describe(where) -> str:
-    return repr(where) if isinstance(where, str) else str(where)
-
-
 def _check_id_type(value, what: str) -> None:
     """Ids are ints or strings; bools, floats and anything else are refused, never coerced."""
     if isinstance(value, bool) or not isinstance(value, (str, numbers.Integral)):
@@ -816,7 +856,8 @@ def _as_int(value) -> int | None:
     if isinstance(value, numbers.Integral):
         return int(value)
     text = str(value).strip()
-    if text.lstrip("-").isdigit() and str(int(text)) == text:
+    digits = text.removeprefix("-")  # isdigit() also takes "²"; int() of thousands of digits is refused
+    if digits.isascii() and digits.isdigit() and len(digits) <= 20 and str(int(text)) == text:
         return int(text)
     return None
 

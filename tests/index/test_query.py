@@ -77,19 +77,19 @@ def test_where_errors_are_one_clear_line(rec, user) -> None:
     cases = [
         ("decade > 1990", "where: unknown column 'decade'; the item columns are faiss_id, item_id, title"),
         (pl.col("genre") == "Drama", "where: unknown column 'genre'"),
-        ("year >", "where 'year >' is not a valid condition"),
-        ("item_id + 1", "where 'item_id + 1' must give true or false for each item, got 150 value(s) of type Int64"),
+        ("year >", "where is not a valid condition: "),
+        ("item_id + 1", "where must give true or false for each item, got values of type Int64"),
         ("  ", "where is empty"),
         (42, "where must be a polars expression or SQL text, got int"),
     ]
     for where, message in cases:
         with pytest.raises(QueryError, match="^" + re.escape(message)):
             rec.recommend(user_id=user, k=3, rerank=False, where=where)
-    for attack in ("__import__('os').system('true') = 0", "__import__('os') = 0"):  # SQL, never Python
-        with pytest.raises(QueryError, match="is not a valid condition: (unsupported function '__import__'|"
-                                             "dot-notation field access is currently unsupported)") as err:
+    for attack, construct in (("__import__('os').system('true') = 0", "dot access (a.b)"),
+                              ("__import__('os') = 0", "the function __import__()")):  # SQL, never Python
+        with pytest.raises(QueryError, match="^where may not use " + re.escape(construct)) as err:
             rec.recommend(user_id=user, where=attack)
-        assert len(str(err.value)) < 250
+        assert len(str(err.value)) < 400
 
 
 def test_deny_and_allow(rec, user, item_vectors) -> None:

@@ -275,7 +275,7 @@ def test_load_warns_when_the_training_catalog_changed(tiny_run: Path, tiny_catal
     # Re-prepared in place with other data (one interaction fewer).
     src = load_catalog(tiny_catalog)
     media = {rel: tiny_catalog / rel for col in ("image_path", "audio_path") for rel in src.items[col].drop_nulls()}
-    write_catalog(catalog, src.items, src.interactions.slice(1), media, meta=src.meta)
+    write_catalog(catalog, src.items, src.interactions.slice(1), media, meta=src.meta, overwrite=True)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         rec = Recommender.load(run, device="cpu")
