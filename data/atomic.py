@@ -6,8 +6,11 @@ A reader (or a crash) never sees half a file or half a folder. Temporary folders
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -29,8 +32,38 @@ def temp_dir(parent: str | Path, prefix: str) -> Path:
     return tmp
 
 
+_RENAME_EXCHANGE = 2  # renameat2(2) flag (Linux 3.15+): swap two paths in one step
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap folders ``a`` and ``b`` atomically with Linux's ``renameat2(RENAME_EXCHANGE)``; False where the
+    system or the file system cannot (then the caller renames in two steps)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # a libc without renameat2 (glibc < 2.28, musl)
+        return False
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # not supported here
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def publish_dir(tmp: Path, target: Path) -> None:
-    """Move the complete folder ``tmp`` to ``target``; an existing ``target`` is replaced only at the end."""
+    """Move the complete folder ``tmp`` to ``target``; an existing ``target`` is replaced only at the end.
+
+    On Linux the two folders are swapped in one step, so ``target`` always exists: a reader or a crash sees the
+    old folder or the new one. Elsewhere the old folder is first renamed aside (``.<name>.old-*``), which leaves
+    a moment with no ``target``; a crash in that moment leaves the old folder whole under that name.
+    """
+    if target.is_dir() and not target.is_symlink() and _exchange(tmp, target):
+        shutil.rmtree(tmp, ignore_errors=True)  # ``tmp`` now holds the previous folder
+        return
     if target.exists():
         old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(target, old)

@@ -11,7 +11,8 @@
 Every validation problem raises :class:`CatalogError` (or :class:`MediaError` for a media file) as one line
 naming the file, the row (1-based, header excluded) and the field or item id.
 
-What is refused: a table with no rows, a missing column, an empty or duplicate ``item_id``, an unreadable
+What is refused: a table with no rows, a missing column, an empty or duplicate ``item_id`` (the message names
+the repeat's row and the first occurrence's), an empty or whitespace-only ``title``, an unreadable
 ``user_id``/``item_id``, an interaction with an item not in the items table, an unreadable timestamp, a
 ``rating`` cell that is empty, not a number, NaN or infinite (a catalog either rates every interaction or
 has no ``rating`` column), a media path that is absolute, contains ``..`` or resolves outside the catalog
@@ -29,7 +30,14 @@ Timestamps are read from:
   ``...+02:00``), read as UTC unless they carry an offset;
 - Parquet ``Date``/``Datetime`` columns.
 
-A text column may mix unix numbers and ISO-8601 strings; the scale check applies to the numbers.
+A text column may mix unix numbers and ISO-8601 strings; the scale check applies to the numbers. A column of
+dates (a ``Date``/``Datetime`` column, or a text column with at least one ISO-8601 value) may not hold a time
+before 1970-01-01, whether written as a date or as a (negative) number: the row is named. A purely numeric
+column is taken as it is.
+
+Where a catalog is written (:func:`check_catalog_out`): a new path, an empty folder, or, with ``overwrite``
+(``prepare --overwrite``), an earlier catalog, replaced all at once. An existing file, a folder holding
+anything a catalog does not, and a path that is or holds one of the inputs are always refused.
 """
 
 from __future__ import annotations
@@ -37,8 +45,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +56,7 @@ import polars as pl
 
 from data.atomic import publish_dir, temp_dir
 from data.media import check_audio, check_image
+from data.tables import read_table
 from errors import CatalogError, MediaError
 
 logger = logging.getLogger(__name__)
@@ -57,6 +68,9 @@ INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
 ITEMS_FILE = "items.parquet"
 INTERACTIONS_FILE = "interactions.parquet"
 META_FILE = "catalog.json"
+MEDIA_DIR = "media"
+# Everything a catalog folder may hold, and its kind: what `prepare --overwrite` may replace (see check_catalog_out).
+CATALOG_ENTRIES = {ITEMS_FILE: "file", INTERACTIONS_FILE: "file", META_FILE: "file", MEDIA_DIR: "folder"}
 
 
 @dataclass(frozen=True)
@@ -92,22 +106,36 @@ def confined_media_path(root: Path, relative: str, where: str = "") -> Path:
     return full
 
 
-def read_table(path: Path, **csv_kwargs) -> pl.DataFrame:
-    if not path.exists():
-        raise CatalogError(f"{path}: file not found")
-    try:
-        if path.suffix == ".parquet":
-            return pl.read_parquet(path)
-        # Everything is read as text; validation decides the types, so "007" keeps its zeros.
-        return pl.read_csv(path, infer_schema=False, **csv_kwargs)
-    except (pl.exceptions.PolarsError, OSError, UnicodeDecodeError) as err:
-        raise CatalogError(f"{path}: cannot be read as a table ({str(err).splitlines()[0]})") from None
-
-
 def require_columns(df: pl.DataFrame, columns, source: str) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise CatalogError(f"{source}: missing column {missing[0]!r} (columns present: {df.columns})")
+
+
+# What each canonical column may hold, checked before any cast (a Parquet file can carry any dtype; polars
+# cannot read lists, structs, binary or durations as text or numbers, and would fail with its own error).
+_ID_COLUMN = ("integers or text", lambda d: d.is_integer() or d.is_float() or d in (pl.Utf8, pl.Categorical, pl.Null)
+              or isinstance(d, pl.Enum))
+_TEXT_COLUMN = ("text", lambda d: d.is_numeric() or (d.is_temporal() and d != pl.Duration)
+                or d in (pl.Utf8, pl.Categorical, pl.Boolean, pl.Null) or isinstance(d, pl.Enum))
+_TIME_COLUMN = ("unix times, dates or ISO-8601 text", lambda d: d.is_integer() or d.is_float()
+                or d in (pl.Date, pl.Datetime, pl.Utf8, pl.Categorical, pl.Null) or isinstance(d, pl.Enum))
+_NUMBER_COLUMN = ("numbers", lambda d: d.is_numeric() or d in (pl.Utf8, pl.Categorical, pl.Boolean, pl.Null)
+                  or isinstance(d, pl.Enum))
+COLUMN_KINDS = {"item_id": _ID_COLUMN, "user_id": _ID_COLUMN, "title": _TEXT_COLUMN, "text": _TEXT_COLUMN,
+                "image_path": _TEXT_COLUMN, "audio_path": _TEXT_COLUMN, "timestamp": _TIME_COLUMN,
+                "rating": _NUMBER_COLUMN}
+
+
+def check_column_types(df: pl.DataFrame, columns, source: str) -> None:
+    """Refuse a canonical column whose dtype cannot hold what it should (see :data:`COLUMN_KINDS`), naming it."""
+    for column in columns:
+        if column not in df.columns:
+            continue
+        expected, fits = COLUMN_KINDS[column]
+        dtype = df.schema[column]
+        if not fits(dtype):
+            raise CatalogError(f"{source}: field {column!r} holds values of type {dtype}; expected {expected}")
 
 
 def _first_bad_row(mask: pl.Series) -> int:
@@ -123,7 +151,10 @@ _TIME_SCALES = (("seconds", 1, 0.0), ("milliseconds", 10**3, 1e11), ("microsecon
 
 def _unreadable_timestamp(col: pl.Series, bad: pl.Series, source: str) -> CatalogError:
     row = _first_bad_row(bad)
-    return CatalogError(f"{source} row {row}: unreadable timestamp {col[row - 1]!r} in field 'timestamp'")
+    value = col[row - 1]
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return CatalogError(f"{source} row {row}: empty field 'timestamp'")
+    return CatalogError(f"{source} row {row}: unreadable timestamp {value!r} in field 'timestamp'")
 
 
 def _to_seconds(ints: pl.Series, floats: pl.Series, col: pl.Series, source: str) -> tuple[pl.Series, pl.Series]:
@@ -158,16 +189,25 @@ def _to_seconds(ints: pl.Series, floats: pl.Series, col: pl.Series, source: str)
     return ints // divisor, (floats / divisor).floor()
 
 
-def _parse_timestamps(col: pl.Series, source: str) -> pl.Series:
-    """Any supported timestamp column (see the module docstring) -> int64 unix seconds."""
+def _parse_timestamps(col: pl.Series, source: str, stored: bool = False) -> pl.Series:
+    """Any supported timestamp column (see the module docstring) -> int64 unix seconds.
+
+    ``stored``: an integer column is unix seconds as it is (a written catalog's), with no scale detection.
+    """
+    if stored and col.dtype.is_integer():
+        out = col.cast(pl.Int64, strict=False)  # null beyond int64 (a uint64 column)
+        if out.is_null().any():
+            raise _unreadable_timestamp(col, out.is_null(), source)
+        return out.rename("timestamp")
     if col.dtype == pl.Datetime or col.dtype == pl.Date:
         out = col.cast(pl.Datetime("us")).dt.epoch("s")
         if out.is_null().any():
             raise _unreadable_timestamp(col, out.is_null(), source)
-        return out.rename("timestamp")
+        return _refuse_before_1970(out, col, source).rename("timestamp")
     iso = pl.Series([None] * len(col), dtype=pl.Int64)
     if col.dtype.is_integer():
-        ints, floats = col.cast(pl.Int64), pl.Series([None] * len(col), dtype=pl.Float64)
+        # Beyond int64 (a uint64 column) is null, then reported as unreadable.
+        ints, floats = col.cast(pl.Int64, strict=False), pl.Series([None] * len(col), dtype=pl.Float64)
     elif col.dtype.is_float():
         ints, floats = pl.Series([None] * len(col), dtype=pl.Int64), col.cast(pl.Float64)
     else:
@@ -186,58 +226,110 @@ def _parse_timestamps(col: pl.Series, source: str) -> pl.Series:
     out = ints.fill_null(floats.cast(pl.Int64, strict=False)).fill_null(iso)
     if out.is_null().any():
         raise _unreadable_timestamp(col, out.is_null(), source)
+    if iso.is_not_null().any():  # a column of dates: a number in it is a unix time too, and must not precede 1970
+        out = _refuse_before_1970(out, col, source)
     return out.rename("timestamp")
 
 
+def _refuse_before_1970(seconds: pl.Series, col: pl.Series, source: str) -> pl.Series:
+    """``seconds`` unchanged, unless one is negative: a date column's value before 1970 is refused, naming its row.
+
+    Interaction logs start after 1970; in a column of dates a pre-1970 value is a typo or a placeholder
+    (``1900-01-01``), and its negative unix time would sort it before every real event.
+    """
+    negative = seconds < 0
+    if negative.any():
+        row = _first_bad_row(negative)
+        value = col[row - 1]
+        shown = repr(value) if isinstance(value, str) else str(value)
+        raise CatalogError(f"{source} row {row}: timestamp {shown} is before 1970-01-01 (a negative unix "
+                           "time) in field 'timestamp', a column of dates")
+    return seconds
+
+
 def _normalise_ids(col: pl.Series) -> pl.Series:
-    """Integer ids stay integers; anything else becomes a string."""
+    """Integer ids stay integers (int64; uint64 ids beyond its range become strings); anything else a string."""
     if col.dtype.is_integer():
-        return col.cast(pl.Int64)
+        ints = col.cast(pl.Int64, strict=False)
+        if ints.null_count() == col.null_count():
+            return ints
     text = col.cast(pl.Utf8)
+    text = text.set((text.str.strip_chars() == "").fill_null(False), None)  # a blank id is an empty field
     canonical_ints = text.drop_nulls().str.contains(r"^(0|-?[1-9][0-9]{0,17})$").all()
     if len(text.drop_nulls()) and canonical_ints:
         return text.cast(pl.Int64)
     return text  # string ids stay strings, so "007" keeps its zeros
 
 
+def as_item_ids(col: pl.Series, dtype: pl.DataType) -> pl.Series:
+    """An interactions table's ``item_id`` column in the items table's id ``dtype``; null where it cannot be."""
+    if col.dtype.is_float() and dtype.is_integer():  # integer ids stored as floats (a column with gaps in pandas)
+        whole = (col.is_finite() & (col == col.floor())).fill_null(False)
+        return col.set(~whole, None).cast(dtype, strict=False)
+    ids = _normalise_ids(col)
+    return ids if ids.dtype == dtype else ids.cast(pl.Utf8).cast(dtype, strict=False)
+
+
 def validate_items(items: pl.DataFrame, source: str, root: Path | None = None,
-                   require_files: bool = True) -> pl.DataFrame:
+                   require_files: bool = True, root_name: str | Path | None = None) -> pl.DataFrame:
     """Check and normalise an items table.
 
     With ``root``, media paths must resolve inside ``root`` (symlinks included) and, with ``require_files``,
-    name existing files. Without it only their form is checked (relative, no ``..``).
+    name existing files. Without it only their form is checked (relative, no ``..``). ``root_name`` is how
+    messages name ``root`` (the catalog being written, not the temporary folder it is built in).
     """
     require_columns(items, ITEM_COLUMNS, source)
+    check_column_types(items, (*ITEM_COLUMNS, *OPTIONAL_ITEM_COLUMNS), source)
     if items.height == 0:
         raise CatalogError(f"{source}: no rows (the items table needs at least one item)")
     items = items.with_columns(_normalise_ids(items["item_id"]))
     null = items["item_id"].is_null()
     if null.any():
         raise CatalogError(f"{source} row {_first_bad_row(null)}: empty field 'item_id'")
-    dup = items["item_id"].is_duplicated()
-    if dup.any():
-        row = _first_bad_row(dup)
-        raise CatalogError(f"{source} row {row}: duplicate item_id {items['item_id'][row - 1]!r}")
-    items = items.with_columns(pl.col("title").cast(pl.Utf8).fill_null(""))
+    repeat = ~items["item_id"].is_first_distinct()
+    if repeat.any():
+        row = _first_bad_row(repeat)
+        item_id = items["item_id"][row - 1]
+        first = _first_bad_row(items["item_id"] == item_id)
+        raise CatalogError(f"{source} row {row}: duplicate item_id {item_id!r}: row {row} repeats row {first} "
+                           "(field 'item_id')")
+    items = items.with_columns(pl.col("title").cast(pl.Utf8))
+    blank = items["title"].is_null() | (items["title"].str.strip_chars() == "")
+    if blank.any():
+        raise CatalogError(f"{source} row {_first_bad_row(blank.fill_null(True))}: empty field 'title' (every item "
+                           "needs a title)")
     for column in OPTIONAL_ITEM_COLUMNS:
         if column not in items.columns:
             items = items.with_columns(pl.lit(None, dtype=pl.Utf8).alias(column))
         items = items.with_columns(pl.col(column).cast(pl.Utf8))
+    for column in MEDIA_COLUMNS:  # an empty media cell means the item lacks that modality, like a null
+        items = items.with_columns(pl.when(pl.col(column).str.strip_chars() != "").then(pl.col(column)))
+    shown = root_name if root_name is not None else root
     for column in MEDIA_COLUMNS:
         for row, rel in enumerate(items[column].to_list(), start=1):
             if rel is None:
                 continue
+            where = f"{source} row {row}: {column} {rel!r}"
+            if "\0" in rel:
+                raise CatalogError(f"{where} holds a NUL character, which no file name can")
             parts = Path(rel).parts
             if Path(rel).is_absolute() or ".." in parts:
-                raise CatalogError(f"{source} row {row}: {column} {rel!r} is outside the catalog folder "
-                                   "(media paths are relative, without '..')")
+                raise CatalogError(f"{where} is outside the catalog folder (media paths are relative, without '..')")
             if root is not None:
                 full = root / rel
-                if not full.resolve().is_relative_to(root.resolve()):
-                    raise CatalogError(f"{source} row {row}: {column} {rel!r} is outside the catalog folder {root}")
-                if require_files and not full.is_file():
-                    raise CatalogError(f"{source} row {row}: {column} {rel!r} does not exist under {root}")
+                try:
+                    if not full.resolve().is_relative_to(root.resolve()):
+                        raise CatalogError(f"{where} is outside the catalog folder {shown}")
+                    if require_files and not full.is_file():
+                        raise CatalogError(f"{where} {not_a_file(full, shown)}")
+                except OSError as err:  # a name too long for the file system
+                    raise CatalogError(f"{where} cannot be looked up under {shown} ({err.strerror})") from None
     return items
+
+
+def not_a_file(path: Path, root: str | Path) -> str:
+    """Why ``path`` (under ``root``) cannot be read as a media file, for an error message: a folder, or missing."""
+    return f"is a folder under {root}, not a file" if path.is_dir() else f"does not exist under {root}"
 
 
 def _parse_ratings(col: pl.Series, source: str) -> pl.Series:
@@ -258,15 +350,21 @@ def _parse_ratings(col: pl.Series, source: str) -> pl.Series:
     return out.rename("rating")
 
 
-def validate_interactions(interactions: pl.DataFrame, items: pl.DataFrame, source: str) -> pl.DataFrame:
-    """Check and normalise an interactions table against the items it refers to."""
+def validate_interactions(interactions: pl.DataFrame, items: pl.DataFrame, source: str,
+                          stored: bool = False) -> pl.DataFrame:
+    """Check and normalise an interactions table against the items it refers to.
+
+    ``stored``: the table comes from a written catalog, whose integer timestamps are unix seconds already; they
+    are not scaled again (a date after 5138 would otherwise read as milliseconds on load).
+    """
     require_columns(interactions, INTERACTION_COLUMNS, source)
+    check_column_types(interactions, (*INTERACTION_COLUMNS, "rating"), source)
     if interactions.height == 0:
         raise CatalogError(f"{source}: no rows (the interactions table needs at least one interaction)")
     cols = [
         _normalise_ids(interactions["user_id"]).rename("user_id"),
-        interactions["item_id"].cast(items["item_id"].dtype, strict=False).rename("item_id"),
-        _parse_timestamps(interactions["timestamp"], source),
+        as_item_ids(interactions["item_id"], items["item_id"].dtype).rename("item_id"),
+        _parse_timestamps(interactions["timestamp"], source, stored),
     ]
     if "rating" in interactions.columns:
         cols.append(_parse_ratings(interactions["rating"], source))
@@ -275,9 +373,10 @@ def validate_interactions(interactions: pl.DataFrame, items: pl.DataFrame, sourc
         null = out[column].is_null()
         if null.any():
             row = _first_bad_row(null)
-            raise CatalogError(
-                f"{source} row {row}: unreadable {column} {interactions[column][row - 1]!r}"
-            )
+            value = interactions[column][row - 1]
+            if value is None or (isinstance(value, str) and not value.strip()):
+                raise CatalogError(f"{source} row {row}: empty field {column!r}")
+            raise CatalogError(f"{source} row {row}: unreadable {column} {value!r}")
     unknown = ~out["item_id"].is_in(items["item_id"].implode())
     if unknown.any():
         row = _first_bad_row(unknown)
@@ -293,7 +392,8 @@ def load_catalog(root: str | Path) -> Catalog:
     # Media paths are confined here too (a hand-edited items.parquet must not point the engine at
     # /etc/passwd); a missing file is left to decoding time, which names it.
     items = validate_items(read_table(root / ITEMS_FILE), str(root / ITEMS_FILE), root=root, require_files=False)
-    interactions = validate_interactions(read_table(root / INTERACTIONS_FILE), items, str(root / INTERACTIONS_FILE))
+    interactions = validate_interactions(read_table(root / INTERACTIONS_FILE), items, str(root / INTERACTIONS_FILE),
+                                         stored=True)
     meta_path = root / META_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     return Catalog(root=root, items=items, interactions=interactions, meta=meta)
@@ -340,6 +440,69 @@ def check_media(items: pl.DataFrame, root: Path, source: str, media: dict[str, P
     return len(seen)
 
 
+def _foreign_entries(path: Path) -> list[str]:
+    """Names in the folder ``path`` that a catalog does not write (sorted): see :func:`check_catalog_out`."""
+    foreign = []
+    for entry in path.iterdir():
+        kind = CATALOG_ENTRIES.get(entry.name)
+        ok = (kind == "file" and entry.is_file()) or (kind == "folder" and entry.is_dir())
+        if not ok:
+            foreign.append(entry.name)
+    return sorted(foreign)
+
+
+def check_catalog_out(out: str | Path, overwrite: bool = False,
+                      inputs: Iterable[tuple[str, str | Path]] = ()) -> Path:
+    """Refuse a catalog destination whose contents would be lost; returns the real path to publish to.
+
+    A catalog is published by renaming a complete folder onto ``out`` (:func:`data.atomic.publish_dir`),
+    which removes whatever was there. So, with a :class:`CatalogError` naming ``out``:
+
+    - an existing file (or a link to one) is always refused: a file is never replaced by a catalog folder;
+    - a folder holding anything but a catalog (``items.parquet``, ``interactions.parquet``, optional
+      ``catalog.json`` and ``media/``, and nothing else, hidden files included) is always refused, even with
+      ``overwrite``: those files are the user's;
+    - an earlier catalog is replaced only with ``overwrite`` (``--overwrite``), all at once;
+    - ``out`` may not be, or contain, any of ``inputs`` (``(what, path)`` pairs such as ``("--items", path)``
+      or media source files): replacing it would delete the data being read.
+
+    A missing ``out`` or an empty folder is fine. A symbolic link at ``out`` is followed, so the folder it points
+    to is the one replaced and the link keeps working.
+    """
+    given = Path(out)
+    target = Path(os.path.realpath(given))
+    if target.parent == target:
+        raise CatalogError(f"{given}: a filesystem root cannot be a catalog folder; choose a new folder")
+    for ancestor in target.parents:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise CatalogError(f"{given}: cannot create a catalog there: {ancestor} is a file, not a folder")
+            break
+    for what, path in inputs:
+        source = Path(os.path.realpath(path))
+        if source == target or source.is_relative_to(target):
+            role = "is" if source == target else f"holds {path},"
+            raise CatalogError(f"{given}: {role} the {what} input, which a catalog written there would replace; "
+                               "choose a new or empty folder for --out")
+    if not target.exists():
+        return target
+    if not target.is_dir():
+        raise CatalogError(f"{given}: is an existing file, and prepare never replaces a file; choose a new or "
+                           "empty folder for --out")
+    if not any(target.iterdir()):
+        return target
+    foreign = _foreign_entries(target)
+    if foreign or not ((target / ITEMS_FILE).is_file() and (target / INTERACTIONS_FILE).is_file()):
+        names = foreign or [name for name in CATALOG_ENTRIES if (target / name).exists()]
+        shown = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise CatalogError(f"{given}: holds files that are not a towerrec catalog ({shown}); prepare never "
+                           "deletes them, even with --overwrite; choose a new or empty folder for --out")
+    if not overwrite:
+        raise CatalogError(f"{given}: already holds a catalog; pass --overwrite to replace it, or choose a new or "
+                           "empty folder for --out")
+    return target
+
+
 def write_catalog(
     out: str | Path,
     items: pl.DataFrame,
@@ -349,34 +512,56 @@ def write_catalog(
     *,
     items_source: str = "items",
     interactions_source: str = "interactions",
+    overwrite: bool = False,
+    inputs: Iterable[tuple[str, str | Path]] = (),
 ) -> Catalog:
-    """Validate and write a catalog atomically: built in a temporary folder, then renamed into place.
+    """Validate and write a catalog atomically: built in a temporary folder beside ``out``, then renamed into place.
 
     ``media`` maps relative paths (as stored in ``image_path``/``audio_path``) to source files to copy in.
     Every media file is decoded once, completely (:func:`check_media`), so a corrupt or truncated one is
     refused here rather than half-way through training. ``items_source`` and ``interactions_source`` name the
-    tables in error messages (importers pass the files they read). An existing catalog at ``out`` is replaced
-    only once the new one is complete.
+    tables in error messages (importers pass the files they read).
+
+    ``out`` must be new, an empty folder, or, with ``overwrite``, an earlier catalog (see
+    :func:`check_catalog_out`, which also keeps ``out`` off ``inputs`` and the media source files). The check
+    runs before any work and again just before publishing. An earlier catalog is replaced only once the new one
+    is complete: an error or an interruption before that leaves it as it was.
     """
+    media = media or {}
     out = Path(out)
-    tmp = temp_dir(out.parent, f".{out.name}-")
+    guard = [*inputs, *(("media file", src) for src in media.values())]
+    target = check_catalog_out(out, overwrite, guard)
     try:
-        for rel, src in (media or {}).items():
+        tmp = temp_dir(target.parent, f".{target.name}-")
+    except OSError as err:
+        raise CatalogError(f"{out}: cannot create the catalog folder ({err})") from None
+    try:
+        for rel, src in media.items():
             dst = tmp / rel
             if Path(rel).is_absolute() or not dst.resolve().is_relative_to(tmp.resolve()):
                 raise CatalogError(f"media path {rel!r} is outside the catalog folder")
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dst)
-        items = validate_items(items, items_source, root=tmp)
+            try:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dst)
+            except OSError as err:
+                raise MediaError(f"{src}: cannot copy into the catalog as {rel!r} ({err})") from None
+        items = validate_items(items, items_source, root=tmp, root_name=out)
         interactions = validate_interactions(interactions, items, interactions_source)
         # After the tables: a wrong column is reported before thousands of files are decoded.
         check_media(items, tmp, items_source, media)
-        items.write_parquet(tmp / ITEMS_FILE)
-        interactions.write_parquet(tmp / INTERACTIONS_FILE)
         info = dict(meta or {}, items=items.height, interactions=interactions.height,
                     users=interactions["user_id"].n_unique())
-        (tmp / META_FILE).write_text(json.dumps(info, indent=2))
-        publish_dir(tmp, out)
+        try:
+            items.write_parquet(tmp / ITEMS_FILE)
+            interactions.write_parquet(tmp / INTERACTIONS_FILE)
+            (tmp / META_FILE).write_text(json.dumps(info, indent=2))
+        except (OSError, pl.exceptions.PolarsError) as err:
+            raise CatalogError(f"{out}: cannot write the catalog ({str(err).splitlines()[0]})") from None
+        check_catalog_out(out, overwrite, guard)  # the folder may have gained files while this one was built
+        try:
+            publish_dir(tmp, target)
+        except OSError as err:
+            raise CatalogError(f"{out}: cannot put the catalog in place ({err})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("catalog %s: %d items, %d interactions", out, items.height, interactions.height)

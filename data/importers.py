@@ -20,9 +20,15 @@ from pathlib import Path
 import polars as pl
 
 from data.catalog import (
+    COLUMN_KINDS,
     INTERACTION_COLUMNS,
     ITEM_COLUMNS,
+    MEDIA_DIR,
     Catalog,
+    as_item_ids,
+    check_catalog_out,
+    check_column_types,
+    not_a_file,
     read_table,
     require_columns,
     validate_items,
@@ -67,12 +73,16 @@ def register(name: str, description: str, required: tuple[str, ...] = (), option
     return wrap
 
 
-def prepare(format: str, out: str | Path, **options) -> Catalog:
+def prepare(format: str, out: str | Path, overwrite: bool = False, **options) -> Catalog:
     """Build a catalog at ``out`` from source data in ``format`` (one of :data:`IMPORTERS`).
 
     ``options`` are the importer's own (``src``, ``items``, ``interactions``, ``mapping``, ``media_root``,
     ``drop_unknown_items``); ``None`` means "not given". A required option that is missing, or an option the
     format does not use, is a :class:`CatalogError` naming the CLI flag.
+
+    ``out`` must be a new path or an empty folder; an earlier catalog there is replaced only with ``overwrite``
+    (``--overwrite``), once the new one is complete. A file, a folder with other files, and a path that is or
+    holds one of the inputs are refused, before anything is read (see :func:`data.catalog.check_catalog_out`).
     """
     importer = IMPORTERS.get(format)
     if importer is None:
@@ -92,7 +102,13 @@ def prepare(format: str, out: str | Path, **options) -> Catalog:
     missing = [o for o in importer.required if o not in given]
     if missing:
         raise CatalogError(f"--format {format} needs {', '.join(flag(o) for o in missing)}")
-    return importer.run(out, **given)
+    check_catalog_out(out, overwrite, _inputs(given))  # before a long import, not only when it is written
+    return importer.run(out, overwrite=overwrite, **given)
+
+
+def _inputs(options: dict) -> list[tuple[str, Path]]:
+    """The paths an importer reads, as ``(flag, path)``: a catalog written over one of them would delete it."""
+    return [(flag(o), Path(options[o])) for o in ("src", "items", "interactions", "media_root") if o in options]
 
 
 def _ml100k_default_src() -> Path | None:
@@ -106,8 +122,9 @@ def _ml100k_default_src() -> Path | None:
 
 @register("generic", "any CSV/Parquet pair of items and interactions",
           required=("items", "interactions"), optional=("mapping", "media_root", "drop_unknown_items"))
-def _generic(out, items, interactions, mapping=None, media_root=None, drop_unknown_items=False) -> Catalog:
-    return prepare_generic(items, interactions, out, mapping, media_root, drop_unknown_items)
+def _generic(out, items, interactions, mapping=None, media_root=None, drop_unknown_items=False,
+             overwrite=False) -> Catalog:
+    return prepare_generic(items, interactions, out, mapping, media_root, drop_unknown_items, overwrite=overwrite)
 
 
 def _apply_mapping(mapping: dict[str, str], tables: list[tuple[pl.DataFrame, Path]]) -> list[pl.DataFrame]:
@@ -145,15 +162,19 @@ def prepare_generic(
     mapping: dict[str, str] | None = None,
     media_root: str | Path | None = None,
     drop_unknown_items: bool = False,
+    *,
+    overwrite: bool = False,
 ) -> Catalog:
     """Build a catalog from any CSV/Parquet pair.
 
     ``mapping`` renames source columns to canonical ones, e.g. ``{"movieId": "item_id"}``; each source column
     must exist in at least one of the two files, and must not be renamed onto a column the file already has.
     Media paths in the items table are relative to ``media_root`` (default: the items file's folder) and are
-    copied into the catalog under ``media/``; a path that escapes ``media_root`` is an error, and so is a file
-    that does not decode completely. An interaction with an item missing from the items table is an error,
-    unless ``drop_unknown_items``: then such rows are dropped, with a WARNING giving their number.
+    copied into the catalog under ``media/`` (once: see :func:`catalog_media_path`); a path that escapes
+    ``media_root``, names a folder or is missing is an error, and so is a file that does not decode completely.
+    An interaction with an item missing from the items table is an error, unless ``drop_unknown_items``: then
+    such rows are dropped, with a WARNING giving their number. ``out`` is checked as in :func:`prepare`
+    (``overwrite`` replaces an earlier catalog).
     """
     items_path, interactions_path = Path(items_path), Path(interactions_path)
     items = read_table(items_path)
@@ -161,28 +182,42 @@ def prepare_generic(
     items, interactions = _apply_mapping(mapping or {}, [(items, items_path), (interactions, interactions_path)])
     require_columns(items, ITEM_COLUMNS, str(items_path))
     require_columns(interactions, INTERACTION_COLUMNS, str(interactions_path))
+    check_column_types(items, COLUMN_KINDS, str(items_path))
+    check_column_types(interactions, COLUMN_KINDS, str(interactions_path))
     src_root = Path(media_root) if media_root else items_path.parent
     media: dict[str, Path] = {}
+    first_use: dict[str, tuple[int, str, str]] = {}  # catalog path -> (row, column, source path) first naming it
     for column in ("image_path", "audio_path"):
         if column not in items.columns:
             continue
         new = []
         for row, rel in enumerate(items[column].cast(pl.Utf8).to_list(), start=1):
-            if rel is None or rel == "":
+            if rel is None or rel.strip() == "":
                 new.append(None)
                 continue
-            full = (src_root / rel).resolve()
-            if Path(rel).is_absolute() or not full.is_relative_to(src_root.resolve()):
-                raise CatalogError(f"{items_path} row {row}: {column} {rel!r} is outside the media folder {src_root}")
-            if not full.is_file():
-                raise CatalogError(f"{items_path} row {row}: {column} {rel!r} does not exist under {src_root}")
-            target = f"media/{Path(rel).as_posix()}"
+            where = f"{items_path} row {row}: {column} {rel!r}"
+            if "\0" in rel:
+                raise CatalogError(f"{where} holds a NUL character, which no file name can")
+            try:
+                full = (src_root / rel).resolve()
+                if Path(rel).is_absolute() or not full.is_relative_to(src_root.resolve()):
+                    raise CatalogError(f"{where} is outside the media folder {src_root}")
+                if not full.is_file():
+                    raise CatalogError(f"{where} {not_a_file(full, src_root)}")
+            except OSError as err:  # a name too long for the file system, a permission denied on a folder
+                raise CatalogError(f"{where} cannot be looked up under {src_root} ({err.strerror})") from None
+            target = catalog_media_path(src_root, rel)
+            if target in media and media[target] != full:
+                row0, column0, rel0 = first_use[target]
+                raise CatalogError(f"{where} and row {row0}: {column0} {rel0!r} are different files that would both "
+                                   f"be stored as {target!r} in the catalog; move one of them")
             media[target] = full
+            first_use.setdefault(target, (row, column, rel))
             new.append(target)
         items = items.with_columns(pl.Series(column, new, dtype=pl.Utf8))
     items = validate_items(items, str(items_path))
     if drop_unknown_items and interactions.height:
-        keep = interactions["item_id"].cast(items["item_id"].dtype, strict=False).is_in(items["item_id"].implode())
+        keep = as_item_ids(interactions["item_id"], items["item_id"].dtype).is_in(items["item_id"].implode())
         dropped = int((~keep).sum())
         if dropped == interactions.height:
             raise CatalogError(f"{interactions_path}: none of its {dropped} interactions has an item_id in "
@@ -191,8 +226,22 @@ def prepare_generic(
             logger.warning("%s: dropping %d of %d interactions whose item_id is not in %s (--drop-unknown-items)",
                            interactions_path, dropped, interactions.height, items_path)
         interactions = interactions.filter(keep)
+    inputs = [("--items", items_path), ("--interactions", interactions_path), ("--media-root", src_root)]
     return write_catalog(out, items, interactions, media, meta={"source": str(items_path)},
-                         items_source=str(items_path), interactions_source=str(interactions_path))
+                         items_source=str(items_path), interactions_source=str(interactions_path),
+                         overwrite=overwrite, inputs=inputs)
+
+
+def catalog_media_path(media_root: Path, rel: str) -> str:
+    """Where a media file named ``rel`` (relative to ``media_root``) is stored in a catalog: ``media/<rel>``.
+
+    ``rel`` is normalised first (``./``, ``a/../``). A path that already starts with ``media/`` (the usual
+    layout when the media root is the items file's folder and the files sit in its ``media/`` folder) is kept as
+    it is rather than nested as ``media/media/...``, so the catalog mirrors the source layout.
+    """
+    root = os.path.normpath(media_root.absolute())
+    normal = Path(os.path.relpath(os.path.normpath(os.path.join(root, rel)), root)).as_posix()
+    return normal if normal.split("/")[0] == MEDIA_DIR else f"{MEDIA_DIR}/{normal}"
 
 
 def _genres_from_flags(df: pl.DataFrame, names: list[str]) -> pl.Series:
@@ -202,11 +251,11 @@ def _genres_from_flags(df: pl.DataFrame, names: list[str]) -> pl.Series:
 
 @register("movielens-100k", "MovieLens-100K (u.data, u.item) plus optional TMDB overviews and posters",
           required=("src",), defaults={"src": _ml100k_default_src})
-def _ml100k(out, src) -> Catalog:
-    return prepare_movielens_100k(src, out)
+def _ml100k(out, src, overwrite=False) -> Catalog:
+    return prepare_movielens_100k(src, out, overwrite=overwrite)
 
 
-def prepare_movielens_100k(src: str | Path, out: str | Path) -> Catalog:
+def prepare_movielens_100k(src: str | Path, out: str | Path, *, overwrite: bool = False) -> Catalog:
     """Import MovieLens-100K (``u.data``, ``u.item``) plus TMDB ``tmdb/items.csv`` and ``posters/<id>.jpg``."""
     src = Path(src)
     for name in ("u.data", "u.item"):
@@ -253,16 +302,17 @@ def prepare_movielens_100k(src: str | Path, out: str | Path) -> Catalog:
     # Equal timestamps keep u.data's row order (a stable sort), as in the RecBole runs the README compares to.
     return write_catalog(out, items, udata, media,
                          meta={"source": str(src), "dataset": "movielens-100k", "tie_break": "input_order"},
-                         items_source=str(src / "u.item"), interactions_source=str(src / "u.data"))
+                         items_source=str(src / "u.item"), interactions_source=str(src / "u.data"),
+                         overwrite=overwrite, inputs=[("--src", src)])
 
 
 @register("movielens-latest", "MovieLens latest-small (ratings.csv, movies.csv), text only",
           required=("src",))
-def _ml_latest(out, src) -> Catalog:
-    return prepare_movielens_latest(src, out)
+def _ml_latest(out, src, overwrite=False) -> Catalog:
+    return prepare_movielens_latest(src, out, overwrite=overwrite)
 
 
-def prepare_movielens_latest(src: str | Path, out: str | Path) -> Catalog:
+def prepare_movielens_latest(src: str | Path, out: str | Path, *, overwrite: bool = False) -> Catalog:
     """Import MovieLens latest-small (``ratings.csv`` + ``movies.csv``), text only.
 
     As in LlamaRec's protocol, ratings of movies missing from ``movies.csv`` are dropped.
@@ -289,16 +339,17 @@ def prepare_movielens_latest(src: str | Path, out: str | Path) -> Catalog:
         interactions = interactions.filter(known)
     return write_catalog(out, items, interactions,
                          meta={"source": str(src), "dataset": "movielens-latest-small", "tie_break": "item_id"},
-                         items_source=str(src / "movies.csv"), interactions_source=str(src / "ratings.csv"))
+                         items_source=str(src / "movies.csv"), interactions_source=str(src / "ratings.csv"),
+                         overwrite=overwrite, inputs=[("--src", src)])
 
 
 @register("sequences", "ID-only sequences: one line per user, the user id then item ids oldest first "
           "(P5-style user_sequence.txt, e.g. the Amazon Beauty/Sports/Toys sets)", required=("src",))
-def _sequences(out, src) -> Catalog:
-    return prepare_sequences(src, out)
+def _sequences(out, src, overwrite=False) -> Catalog:
+    return prepare_sequences(src, out, overwrite=overwrite)
 
 
-def prepare_sequences(src: str | Path, out: str | Path) -> Catalog:
+def prepare_sequences(src: str | Path, out: str | Path, *, overwrite: bool = False) -> Catalog:
     """Import whitespace-separated sequences (``src`` is the file, or a folder holding ``user_sequence.txt``).
 
     There are no timestamps: an interaction's position in its line is its timestamp, so the chronological
@@ -311,7 +362,7 @@ def prepare_sequences(src: str | Path, out: str | Path) -> Catalog:
     if not path.is_file():
         raise CatalogError(f"{path}: file not found (expected one line per user: user_id item_id item_id ...)")
     users, items, stamps = [], [], []
-    seen_users: set[str] = set()
+    seen_users: dict[str, int] = {}  # user id -> the row it was first on
     with path.open(encoding="utf-8") as f:
         for row, line in enumerate(f, start=1):
             parts = line.split()
@@ -320,8 +371,9 @@ def prepare_sequences(src: str | Path, out: str | Path) -> Catalog:
             if len(parts) < 2:
                 raise CatalogError(f"{path} row {row}: user {parts[0]!r} has no items")
             if parts[0] in seen_users:
-                raise CatalogError(f"{path} row {row}: user {parts[0]!r} appears twice")
-            seen_users.add(parts[0])
+                raise CatalogError(f"{path} row {row}: user {parts[0]!r} appears twice: row {row} repeats row "
+                                   f"{seen_users[parts[0]]}")
+            seen_users[parts[0]] = row
             for t, item in enumerate(parts[1:]):
                 users.append(parts[0])
                 items.append(item)
@@ -333,4 +385,5 @@ def prepare_sequences(src: str | Path, out: str | Path) -> Catalog:
     catalog_items = pl.DataFrame({"item_id": ids, "title": ids})
     return write_catalog(out, catalog_items, interactions,
                          meta={"source": str(path), "dataset": path.parent.name, "tie_break": "input_order"},
-                         items_source=str(path), interactions_source=str(path))
+                         items_source=str(path), interactions_source=str(path),
+                         overwrite=overwrite, inputs=[("--src", src)])

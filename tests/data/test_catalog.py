@@ -80,11 +80,12 @@ def test_missing_column_in_dataframe() -> None:
         validate_interactions(pl.DataFrame({"item_id": [1], "timestamp": [1]}), items, "my-inter")
 
 
-def test_duplicate_item_id(tmp_path: Path) -> None:
-    items_path, interactions_path = _write(tmp_path / "src", items="item_id,title\n1,A\n2,B\n2,C\n")
-    with pytest.raises(CatalogError, match=r"items\.csv row [23]: duplicate item_id 2$") as err:
+def test_duplicate_item_id_names_the_repeat_and_the_first_row(tmp_path: Path) -> None:
+    items_path, interactions_path = _write(tmp_path / "src", items="item_id,title\n2,A\n1,B\n3,C\n2,D\n1,E\n")
+    with pytest.raises(CatalogError) as err:
         prepare_generic(items_path, interactions_path, tmp_path / "cat")
-    assert str(items_path) in str(err.value)
+    # The first repeat in file order (row 4, of row 1's id), not the first occurrence of a repeated id.
+    assert str(err.value) == f"{items_path} row 4: duplicate item_id 2: row 4 repeats row 1 (field 'item_id')"
 
 
 def test_empty_item_id(tmp_path: Path) -> None:
@@ -284,10 +285,10 @@ def test_failed_write_keeps_existing_catalog(tmp_path: Path) -> None:
 
     bad_items = pl.DataFrame({"item_id": [1, 1], "title": ["x", "y"]})
     with pytest.raises(CatalogError, match="duplicate item_id 1"):
-        write_catalog(out, bad_items, interactions, meta={"version": 2})
+        write_catalog(out, bad_items, interactions, meta={"version": 2}, overwrite=True)
     bad_interactions = pl.DataFrame({"user_id": [1], "item_id": [3], "timestamp": [7]})
     with pytest.raises(CatalogError, match="item_id 3 is not in the items table"):
-        write_catalog(out, items, bad_interactions, meta={"version": 2})
+        write_catalog(out, items, bad_interactions, meta={"version": 2}, overwrite=True)
 
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["cat"]  # no temporary folders left behind
@@ -301,7 +302,7 @@ def test_successful_write_replaces_existing_catalog(tmp_path: Path) -> None:
     out = tmp_path / "cat"
     interactions = pl.DataFrame({"user_id": [1], "item_id": [1], "timestamp": [5]})
     write_catalog(out, pl.DataFrame({"item_id": [1, 2], "title": ["a", "b"]}), interactions)
-    write_catalog(out, pl.DataFrame({"item_id": [1], "title": ["z"]}), interactions)
+    write_catalog(out, pl.DataFrame({"item_id": [1], "title": ["z"]}), interactions, overwrite=True)
     assert load_catalog(out).items.select("item_id", "title").rows() == [(1, "z")]
     assert [p.name for p in tmp_path.iterdir()] == ["cat"]
 

@@ -31,7 +31,7 @@ def _media(catalog: Path) -> dict[str, Path]:
 def _reprepare(catalog: Path, source: Path) -> None:
     """Write a catalog with other data (one interaction fewer) in ``catalog``'s place, as `prepare` would."""
     src = load_catalog(source)
-    write_catalog(catalog, src.items, src.interactions.slice(1), _media(source), meta=src.meta)
+    write_catalog(catalog, src.items, src.interactions.slice(1), _media(source), meta=src.meta, overwrite=True)
 
 
 @pytest.fixture
@@ -66,7 +66,9 @@ def test_evaluate_refuses_a_catalog_changed_in_place(own_catalog_run, tiny_catal
     # Pointing --catalog at the changed catalog is refused just the same.
     assert cli.main(["evaluate", "--run", str(run), "--catalog", str(catalog), "--rerank", "off", "--quiet"]) == 2
     assert "catalog content changed" in _error_line(capsys, "evaluate")
-    # build-index from the run's catalog refuses it too.
+    # build-index from the run's catalog refuses it too (without an index version, that is the one it indexes;
+    # with one, it indexes the catalog the live version recorded).
+    shutil.rmtree(run / "index")
     with pytest.raises(CatalogError, match="catalog content changed"):
         build_index(run, device="cpu", progress=False)
 
