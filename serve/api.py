@@ -23,12 +23,14 @@ Status codes:
 - 415: a body that is not JSON;
 - 422: a request that does not match the schema (``k`` outside 1..1000, a wrong type, an unknown field,
   neither or both of ``user_id`` and ``history``);
-- 500: only a bug (logged with its traceback).
+- 500: only a bug. It is logged once, at ERROR with its traceback and a short reference; the answer holds
+  that reference and nothing else about the server (no exception text, type or path).
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import socket
 import time
 from collections.abc import Callable
@@ -116,6 +118,11 @@ def towerrec_status(err: TowerrecError) -> int:
     return 409  # IndexStateError, CheckpointError, ModelLoadError, DeviceError: the served state cannot answer
 
 
+def towerrec_message(err: TowerrecError) -> str:
+    """The error's message on one line (JSON bodies and log lines never hold a newline)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 _UNION_TAGS = ("int", "str", "constrained-str")  # pydantic's names for the branches of ``ItemId``
 
 
@@ -123,7 +130,10 @@ def _validation_message(errors: list[dict]) -> str:
     """One line from pydantic's errors: ``k: Input should be less than or equal to 1000``."""
     parts: list[str] = []
     for e in errors:
-        loc = [str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path")]
+        # A field name comes from the caller: quoted (and cut short) unless it is a plain name, so the message
+        # stays one line.
+        loc = [str(x) if isinstance(x, int) or (str(x).isidentifier() and len(str(x)) <= 40) else repr(str(x)[:40])
+               for x in e.get("loc", ()) if x not in ("body", "query", "path")]
         msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
         if e.get("type") == "json_invalid":
             loc, msg = [], f"{msg} at character {e['loc'][-1]}" if len(e.get("loc", ())) > 1 else msg
@@ -134,6 +144,48 @@ def _validation_message(errors: list[dict]) -> str:
             parts.append(part)
     more = f" (and {len(parts) - 3} more)" if len(parts) > 3 else ""
     return "; ".join(parts[:3]) + more
+
+
+def undecodable_body_message(cause: BaseException) -> str:
+    """What is wrong with a body that parses as JSON text but cannot be decoded into Python values."""
+    if isinstance(cause, RecursionError):
+        return "malformed JSON body: arrays or objects nested too deeply"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return "malformed JSON body: a number with too many digits"
+    return "malformed request body: it cannot be decoded"
+
+
+class CatchBugs:
+    """ASGI middleware, outermost: an exception no handler turned into an answer is a bug, answered with a JSON 500.
+
+    It is logged here once, with its traceback and a short reference that the answer quotes, and not raised
+    on: Starlette's own last-resort handler re-raises what it catches so that the server logs it again, and
+    answers in plain text. A response that had already started cannot be replaced; the bug is still logged
+    once and the connection is left for the server to close.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            ref = secrets.token_hex(4)
+            # %r: a path may hold a newline (%0A), which must not start a forged line in the log.
+            logger.exception("%s %r failed (ref %s)", scope.get("method", "?"), scope.get("path", "?"), ref)
+            if not started:
+                await _error(500, f"internal error (ref {ref}); see the server log")(scope, receive, send)
 
 
 class BodySizeLimit:
@@ -265,10 +317,11 @@ def create_app(live: LiveRecommender, media: CatalogMedia, max_body: int = MAX_B
     # No /docs: Swagger UI loads from a CDN, and nothing here may need the network. /openapi.json stays.
     app = FastAPI(title="towerrec", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(BodySizeLimit, max_bytes=max_body)
+    app.add_middleware(CatchBugs)  # added last: the outermost, so it also sees BodySizeLimit's failures
 
     @app.exception_handler(TowerrecError)
     async def _towerrec(_request: Request, err: TowerrecError):
-        return _error(towerrec_status(err), " ".join(str(err).split()))
+        return _error(towerrec_status(err), towerrec_message(err))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError):
@@ -284,12 +337,9 @@ def create_app(live: LiveRecommender, media: CatalogMedia, max_body: int = MAX_B
 
     @app.exception_handler(HTTPException)
     async def _http(_request: Request, err: HTTPException):
+        if err.status_code == 400 and err.__cause__ is not None:  # FastAPI could not decode the body
+            return _error(400, undecodable_body_message(err.__cause__))
         return _error(err.status_code, str(err.detail))
-
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, err: Exception):
-        logger.exception("%s %s failed", request.method, request.url.path)
-        return _error(500, f"internal error ({type(err).__name__}); see the server log")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index_page():

@@ -9,7 +9,8 @@ when its last request lets go of it.
 
 A version that fails to load (missing, corrupt, built for other towers) is logged and reported by
 :attr:`LiveRecommender.reload_error`; the server keeps answering from the version it has, and tries again
-when ``LIVE`` moves on.
+when ``LIVE`` moves on. The error clears when a version loads, or when ``LIVE`` names the served version
+again (the failed one is no longer asked for). A reload that works is logged at INFO, one that fails at ERROR.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from data.rundir import RunDir
 from errors import IndexStateError, TowerrecError
 from index.recommender import Recommender
-from index.store import Manifest
+from index.store import Manifest, live_name
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ class LiveRecommender:
         self.run = RunDir(run_dir).require()
         self.device = device
         self.poll_s = float(poll_s)
-        self.reload_error: str | None = None  # why the last reload failed (None once one succeeds)
+        # Why the last reload failed; None once a version loads, or once LIVE names the served version again.
+        self.reload_error: str | None = None
         self._failed: str | None = None  # the version name that failed, not retried until LIVE moves on
         self._reload_lock = threading.Lock()  # one reload at a time (the watcher, or a caller of check())
         self._stop = threading.Event()
@@ -72,11 +74,13 @@ class LiveRecommender:
         return self._current
 
     def live_name(self) -> str | None:
-        """The version ``LIVE`` names now, or ``None`` when there is no pointer (yet, or any more)."""
-        try:
-            return (self.run.index_root / RunDir.LIVE).read_text().strip() or None
-        except FileNotFoundError:
-            return None
+        """The version ``LIVE`` names now, or ``None`` when there is no pointer (yet, or any more).
+
+        A pointer that is empty, unreadable or names anything but a version folder directly inside the index
+        folder (``../x``, ``/etc``, a staging folder) is an :class:`IndexStateError`: nothing outside the run's
+        index folder is ever loaded.
+        """
+        return live_name(self.run.index_root)
 
     def _load(self, name: str) -> Served:
         t0 = time.perf_counter()
@@ -94,7 +98,18 @@ class LiveRecommender:
         Called by the watcher thread; tests may call it directly. A failed load keeps the current version.
         """
         with self._reload_lock:
-            name = self.live_name()
+            try:
+                name = self.live_name()
+            except IndexStateError as err:  # a bad pointer: keep serving, and say why on /health
+                if self.reload_error != str(err):
+                    logger.error("keeping index version %s: %s", self._current.name, err)
+                self._failed, self.reload_error = None, str(err)
+                return False
+            if name is not None and name == self._current.name and self.reload_error is not None:
+                # LIVE points back at the version being served: the failed one is no longer asked for.
+                logger.info("index version %s is live again; dropping the failed reload of %s",
+                            name, self._failed)
+                self._failed, self.reload_error = None, None
             if name is None or name == self._current.name or name == self._failed:
                 return False
             try:
@@ -108,7 +123,7 @@ class LiveRecommender:
             # The error is cleared first, so whoever sees the new version never sees the old version's error.
             self._failed, self.reload_error = None, None
             old, self._current = self._current.name, served  # the swap: one reference assignment
-            logger.warning("now serving index version %s (was %s)", name, old)
+            logger.info("now serving index version %s (was %s)", name, old)
             return True
 
     # -- the watcher thread ----------------------------------------------------------------------------------
