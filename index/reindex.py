@@ -16,6 +16,12 @@
   embedded from the training catalog when the item tower changed; one that is in neither (its content is
   gone and the towers changed) is dropped, with a warning.
 
+**Which catalog.** A catalog given (``catalog_dir``) is indexed and recorded in the new version's manifest
+(path and sha256). Without one, the live version's recorded catalog is indexed again, so a plain reindex
+after ``reindex --catalog B`` keeps serving B (what it holds now); only a run without any index version
+falls back to the training catalog. A recorded catalog that is gone is an error naming it and ``--catalog``,
+never a silent switch to the training catalog.
+
 **Resumable.** The items to embed form a fixed plan, cut into chunks of ``chunk_size`` items; the plan's hash
 names its work folder (``index/.reindex-<plan>/``). Each finished chunk is written atomically (temporary
 file, fsync, rename) as Parquet in the export schema. A rerun after a crash or a kill finds the same plan,
@@ -36,7 +42,7 @@ import hashlib
 import json
 import logging
 import os
-import shutil
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -47,7 +53,6 @@ import numpy as np
 import polars as pl
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from data.catalog import MEDIA_COLUMNS, Catalog, catalog_sha256, load_catalog
 from data.ids import ItemSpace, faiss_ids
@@ -59,6 +64,7 @@ from index.store import (
     build_faiss,
     embeddings_table,
     empty_index,
+    list_versions,
     live_version,
     prune_versions,
     read_vectors,
@@ -72,12 +78,21 @@ from index.store import (
 from towers.device import resolve_device
 from towers.factory import TwoTower, item_fingerprint, load_towers, make_item_dataset
 from towers.feature_cache import cached_text_features, text_encoder_is_cacheable
+from towers.progress import tqdm
 
 logger = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1024  # items per resumable chunk
 KEEP_VERSIONS = 3  # index versions kept by default (the live one plus two a reader may still hold)
 CHUNK_COLUMNS = ("item_id", "faiss_id", "vector", "fingerprint", "content_hash", "searchable")
+# Why a catalog was indexed (ReindexResult.catalog_source).
+CATALOG_GIVEN = "given"
+CATALOG_LIVE = "the live version's catalog"
+CATALOG_NEWEST = "the newest version's catalog (LIVE is unusable)"
+CATALOG_TRAINING = "the training catalog"
+# The files a reindex writes in its work folder; a folder holding anything else is not deleted.
+WORK_NAME = re.compile(r"\.reindex-[0-9a-f]{16}")
+WORK_FILE = re.compile(r"(plan\.json|chunk-\d{6}\.parquet|\.(plan\.json|chunk-\d{6}\.parquet)\.[0-9a-f]{8}\.tmp)")
 
 
 @dataclass(frozen=True)
@@ -101,6 +116,8 @@ class ReindexResult:
     # "rebuilt" (built and trained afresh) or "none"
     seconds: float
     timings: dict = field(default_factory=dict)  # seconds per phase (plan, embed, publish)
+    catalog: Path | None = None  # the catalog folder indexed
+    catalog_source: str = ""  # why that one: "given", "the live version's catalog" or "the training catalog"
 
 
 # -- content hashes -------------------------------------------------------------------------------------------
@@ -227,6 +244,57 @@ def _training_catalog(run: RunDir, catalog_dir) -> Catalog | None:
         logger.warning("the run's training catalog is not available (%s): items that left the catalog are "
                        "kept only where the live index version has them", err)
         return None
+
+
+def _recorded_version(index_root: Path) -> tuple[Path, Manifest, str] | None:
+    """``(folder, manifest, why)`` of the version whose catalog a plain reindex serves again: the live one, or
+    the newest complete one when ``LIVE`` is unusable; None when the run has no index version."""
+    try:
+        folder = live_version(index_root)
+        return folder, Manifest.read(folder / RunDir.MANIFEST), CATALOG_LIVE
+    except IndexStateError as err:
+        live_error = err
+    for folder in reversed(list_versions(index_root)):
+        try:
+            manifest = Manifest.read(folder / RunDir.MANIFEST)
+        except IndexStateError:
+            continue
+        logger.warning("%s; reindexing the catalog of %s, the newest index version", live_error, folder.name)
+        return folder, manifest, CATALOG_NEWEST
+    return None
+
+
+def choose_catalog(run: RunDir, catalog_dir: str | Path | None) -> tuple[Path | None, str]:
+    """The catalog a reindex indexes, and why: ``(folder, why)``; folder None means the run's training catalog
+    (loaded hash-checked by :meth:`data.rundir.RunDir.load_catalog`).
+
+    A given catalog wins. Otherwise the catalog recorded in the live version's manifest (what the run serves
+    now), so that a plain reindex never undoes a ``reindex --catalog``; the training catalog only when there
+    is no index version yet, or the version was built from it. A recorded catalog that is gone raises a
+    :class:`CatalogError` naming it; a version built from another catalog without recording its path raises
+    an :class:`IndexStateError`: both ask for ``--catalog`` rather than switching catalogs silently.
+    """
+    if catalog_dir is not None:
+        return Path(catalog_dir), CATALOG_GIVEN
+    recorded = _recorded_version(run.index_root)
+    if recorded is None:
+        return None, CATALOG_TRAINING
+    folder, manifest, why = recorded
+    training = run.catalog_ref()
+    if not manifest.catalog_path:  # a version written before manifests recorded the path (format 2)
+        if manifest.catalog_sha256 in ("", training["sha256"]):
+            return None, CATALOG_TRAINING
+        raise IndexStateError(
+            f"{folder / RunDir.MANIFEST}: index version {folder.name} was built from a catalog other than the "
+            f"training catalog (sha256 {manifest.catalog_sha256[:12]}) and does not record where it is; give "
+            "the catalog to serve with --catalog")
+    path = Path(manifest.catalog_path)
+    if not (path / "items.parquet").is_file():
+        raise CatalogError(f"{path}: the catalog index version {folder.name} was built from is not there (moved or "
+                           "deleted?); give the catalog to serve with --catalog")
+    if path.resolve() == Path(training["path"]).resolve():
+        return None, why  # the training catalog, still hash-checked against the run's record
+    return path, why
 
 
 def _check_id_types(new: pl.DataFrame, other: pl.DataFrame, what: str, where: str) -> None:
@@ -420,7 +488,9 @@ def reindex(run_dir: str | Path, catalog_dir: str | Path | None = None, *, full:
 
     Args:
         run_dir: a trained run (see :class:`data.rundir.RunDir`).
-        catalog_dir: the catalog to serve (default: the one the run was trained on, hash-checked).
+        catalog_dir: the catalog to serve (default: the one the live version was built from, recorded in its
+            manifest; with no index version yet, the one the run was trained on, hash-checked). See
+            :func:`choose_catalog`; the result says which was used and why.
         full: embed every item again even where the live version's vectors could be copied.
         factory: FAISS factory string (default: the live version's, else the config's ``index.factory``).
             A factory other than the live one's rebuilds the FAISS index (without re-embedding anything).
@@ -435,10 +505,19 @@ def reindex(run_dir: str | Path, catalog_dir: str | Path | None = None, *, full:
     :class:`errors.TowerrecError` before anything is written.
     """
     t0 = time.time()
-    for name, value in (("chunk_size", chunk_size), ("keep_versions", keep_versions)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    for name, value in (("chunk_size", chunk_size), ("keep_versions", keep_versions), ("batch_size", batch_size),
+                        ("num_workers", num_workers)):
+        if name == "batch_size" and value is None:
+            continue
+        least = 0 if name == "num_workers" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"{name} must be a {'non-negative' if least == 0 else 'positive'} integer, "
+                              f"got {value!r}")
+    if factory is not None and (not isinstance(factory, str) or not factory.strip()):
+        raise IndexStateError(f"factory must be a FAISS index_factory string such as 'Flat', 'HNSW32' or "
+                              f"'IVF256,Flat', got {factory!r}")
     run = RunDir(run_dir).require()
+    _check_index_folder(run.index_root)
     config = run.read_config()
     dev, rank, world, joined = _distributed(resolve_device(device))
     try:
@@ -453,10 +532,13 @@ def reindex(run_dir: str | Path, catalog_dir: str | Path | None = None, *, full:
 def _reindex(run: RunDir, config, catalog_dir, full, factory, chunk_size, keep_versions, batch_size, num_workers,
              dev, progress, rank, world, t0) -> ReindexResult:
     timings = {}
+    catalog_dir, catalog_source = choose_catalog(run, catalog_dir)
     if catalog_dir is not None:
         catalog, digest = load_catalog(catalog_dir), catalog_sha256(catalog_dir)
     else:  # hash-checked against the run's record, so that record is its hash
         catalog, digest = run.load_catalog(), run.catalog_ref()["sha256"]
+    catalog_path = Path(catalog.root).resolve()
+    logger.info("indexing catalog %s (%s)", catalog_path, catalog_source)
     where = str(Path(catalog.root) / "items.parquet")
     base = _load_base(run.index_root)
     factory = factory or (base.manifest.factory if base is not None else config.index.factory)
@@ -475,13 +557,15 @@ def _reindex(run: RunDir, config, catalog_dir, full, factory, chunk_size, keep_v
     counts = _compare(rows, base)
     timings["plan"] = time.time() - t0
     if (mode == "incremental" and not todo and base.manifest.catalog_sha256 == digest
-            and base.manifest.factory == factory and counts["same_rows"]):
+            and base.manifest.catalog_path == str(catalog_path) and base.manifest.factory == factory
+            and counts["same_rows"]):
         logger.info("index version %s is up to date", base.folder.name)
         if rank == 0:  # e.g. the work folder of a reindex killed after it went live, before it cleaned up
             for stale in run.index_root.glob(f"{RunDir.REINDEX_WORK}*"):
-                shutil.rmtree(stale, ignore_errors=True)
+                _remove_work(stale)
         return ReindexResult(base.folder, "unchanged", len(rows), searchable, 0, len(rows), 0, 0, 0,
-                             len(rows) - searchable, dropped, 0, 0, "none", time.time() - t0, timings)
+                             len(rows) - searchable, dropped, 0, 0, "none", time.time() - t0, timings,
+                             catalog=catalog_path, catalog_source=catalog_source)
 
     key = _plan_key(fingerprint, config.dim, chunk_size, todo, catalog.items["item_id"].dtype)
     work = run.index_root / f"{RunDir.REINDEX_WORK}{key[:16]}"
@@ -517,7 +601,7 @@ def _reindex(run: RunDir, config, catalog_dir, full, factory, chunk_size, keep_v
     t2 = time.time()
     if rank == 0:
         folder, update = _publish(run, config, work, chunks, rows, base, fingerprint, factory, digest, mode,
-                                  len(todo), keep_versions, meta=catalog.items)
+                                  len(todo), keep_versions, meta=catalog.items, catalog_path=catalog_path)
     _barrier(world)  # the new version is live before any process returns
     if rank > 0:
         folder, update = live_version(run.index_root), "n/a"
@@ -528,7 +612,7 @@ def _reindex(run: RunDir, config, catalog_dir, full, factory, chunk_size, keep_v
         resumed = int(total.item())
     return ReindexResult(folder, mode, len(rows), searchable, len(todo), len(rows) - len(todo), counts["added"],
                          counts["edited"], counts["removed"], len(rows) - searchable, dropped, len(chunks), resumed,
-                         update, time.time() - t0, timings)
+                         update, time.time() - t0, timings, catalog=catalog_path, catalog_source=catalog_source)
 
 
 def _compare(rows: list[_Row], base: _Base | None) -> dict:
@@ -545,16 +629,49 @@ def _compare(rows: list[_Row], base: _Base | None) -> dict:
     return {"added": added, "edited": edited, "removed": removed, "same_rows": same}
 
 
+def _check_index_folder(index_root: Path) -> None:
+    """Refuse, before any work, an ``index`` path or ``LIVE`` pointer that a reindex could not write without
+    replacing something that is not an index's (a file named ``index``, a folder named ``LIVE``)."""
+    if index_root.exists() and not index_root.is_dir():
+        raise IndexStateError(f"{index_root}: exists and is not a folder; it is where the run's index versions go: "
+                              "move it away")
+    live = index_root / RunDir.LIVE
+    if live.exists() and not live.is_file():
+        raise IndexStateError(f"{live}: exists and is not a file (it should hold the name of the live version "
+                              "folder); move it away")
+
+
+def _remove_work(folder: Path) -> bool:
+    """Delete a reindex work folder: only the files a reindex writes there (plan, chunks, their temporary
+    files), then the folder if that empties it. Anything else (another name, a symlink, a subfolder) is not a
+    reindex's and is left, with a warning. Returns True when the folder is gone."""
+    if WORK_NAME.fullmatch(folder.name) is None or folder.is_symlink() or not folder.is_dir():
+        logger.warning("leaving %s: not a reindex work folder", folder)
+        return False
+    for entry in folder.iterdir():
+        if WORK_FILE.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+            entry.unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:
+        logger.warning("leaving %s: it holds files a reindex did not write", folder)
+        return False
+    return True
+
+
 def _prepare_work(index_root: Path, work: Path, key: str, items: int, chunks: int, fingerprint: str) -> None:
     """Create (or reopen) the plan's work folder; discard work folders of plans that no longer apply."""
     for other in index_root.glob(f"{RunDir.REINDEX_WORK}*"):
-        if other != work and other.is_dir():
+        if other != work and WORK_NAME.fullmatch(other.name) and other.is_dir() and not other.is_symlink():
             logger.info("discarding %s: an interrupted reindex of another plan (the catalog or towers changed)",
                         other.name)
-            shutil.rmtree(other, ignore_errors=True)
+            _remove_work(other)
+    if work.is_symlink() or (work.exists() and not work.is_dir()):
+        raise IndexStateError(f"{work}: exists and is not a reindex work folder; move it away")
     work.mkdir(parents=True, exist_ok=True)
     for tmp in work.glob(".*.tmp"):  # a chunk being written when a process was killed
-        tmp.unlink(missing_ok=True)
+        if WORK_FILE.fullmatch(tmp.name) and tmp.is_file():
+            tmp.unlink(missing_ok=True)
     plan = work / RunDir.REINDEX_PLAN
     if plan.is_file():
         try:
@@ -569,10 +686,12 @@ def _prepare_work(index_root: Path, work: Path, key: str, items: int, chunks: in
 
 def _publish(run: RunDir, config, work: Path, chunks: list[list[_Row]], rows: list[_Row], base: _Base | None,
              fingerprint: str, factory: str, digest: str, mode: str, embedded: int,
-             keep_versions: int, meta: pl.DataFrame | None = None) -> tuple[Path, str]:
+             keep_versions: int, meta: pl.DataFrame | None = None,
+             catalog_path: Path | None = None) -> tuple[Path, str]:
     """Process 0: check every chunk, assemble the vectors, update or build the index, write and go live.
 
     ``meta``: the catalog's items table, whose other columns (year, genres, ...) are kept for ``where`` filters.
+    ``catalog_path``: the catalog indexed, recorded in the manifest (a plain reindex serves it again).
     """
     if base is not None:
         try:
@@ -619,11 +738,12 @@ def _publish(run: RunDir, config, work: Path, chunks: list[list[_Row]], rows: li
     manifest = Manifest(
         fingerprint=fingerprint, dim=dim, metric="ip", count=n, factory=factory,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), catalog_sha256=digest,
-        retired=len(rows) - n, base=base.folder.name if mode == "incremental" else "", embedded=embedded, mode=mode,
+        catalog_path=str(catalog_path) if catalog_path is not None else "", retired=len(rows) - n,
+        base=base.folder.name if mode == "incremental" else "", embedded=embedded, mode=mode,
     )
     folder = write_version(run.index_root, index, items, manifest, vectors=vectors,
                            embeddings=embeddings_table(items, vectors, fingerprint))
-    shutil.rmtree(work, ignore_errors=True)  # published: nothing left to resume
+    _remove_work(work)  # published: nothing left to resume
     prune_versions(run.index_root, keep_versions)
     return folder, update
 

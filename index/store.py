@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -43,7 +44,7 @@ from errors import IndexStateError
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 2  # 2: retired rows, content hashes, embeddings export, provenance of a reindex
+MANIFEST_VERSION = 3  # 2: retired rows, content hashes, embeddings export, provenance of a reindex; 3: catalog path
 METRIC = "ip"
 EMBEDDINGS_PART_ROWS = 100_000  # rows per Parquet part of the embeddings export
 
@@ -57,6 +58,7 @@ class Manifest:
     factory: str
     created: str  # ISO-8601 UTC
     catalog_sha256: str = ""  # sha256 of the catalog the version serves (data.catalog.catalog_sha256)
+    catalog_path: str = ""  # absolute path of that catalog: what a plain reindex serves next ("": not recorded)
     format: int = MANIFEST_VERSION
     retired: int = 0  # rows kept for histories only (items that left the catalog): not in the FAISS index
     base: str = ""  # the version this one was derived from by an incremental reindex ("" for a full build)
@@ -72,12 +74,13 @@ class Manifest:
     def read(cls, path: Path) -> Manifest:
         try:
             data = json.loads(path.read_text())
+            fmt = data.get("format", MANIFEST_VERSION) if isinstance(data, dict) else MANIFEST_VERSION
+            if isinstance(fmt, int) and fmt > MANIFEST_VERSION:  # checked first: a newer format has new keys
+                raise IndexStateError(f"{path}: manifest format {fmt} is newer than this towerrec reads "
+                                      f"({MANIFEST_VERSION}); upgrade towerrec or rebuild the index")
             manifest = cls(**data)
-        except (OSError, json.JSONDecodeError, TypeError) as err:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as err:
             raise IndexStateError(f"{path}: unreadable index manifest ({err})") from None
-        if manifest.format > MANIFEST_VERSION:
-            raise IndexStateError(f"{path}: manifest format {manifest.format} is newer than this towerrec reads "
-                                  f"({MANIFEST_VERSION}); upgrade towerrec or rebuild the index")
         if manifest.metric != METRIC:
             raise IndexStateError(f"{path}: metric {manifest.metric!r}, towerrec serves inner product ({METRIC!r})")
         return manifest
@@ -206,11 +209,25 @@ def refill_index(index: faiss.IndexIDMap2, vectors: np.ndarray, ids: np.ndarray)
     index.add_with_ids(vectors, ids)
 
 
+# The names :func:`version_name` makes, and those of the temporary folders :func:`write_version` fills
+# (``tempfile.mkdtemp`` adds 8 characters). Only folders with these names are ever deleted by pruning: any
+# other entry of ``index/`` (a folder a person put there, a symlink) is not towerrec's and is left alone.
+VERSION_NAME = re.compile(r"v\d{8}-\d{6}-\d{6}-[0-9a-f]{4}")
+STAGING_NAME = re.compile(r"\.v\d{8}-\d{6}-\d{6}-[0-9a-f]{4}-[a-z0-9_]{8}")
+
+
 def version_name() -> str:
     """A new version folder name; names sort by creation time (to the microsecond)."""
     now = time.time()
     stamp = time.strftime("v%Y%m%d-%H%M%S", time.gmtime(now))
     return f"{stamp}-{int(now * 1e6) % 1_000_000:06d}-{uuid.uuid4().hex[:4]}"
+
+
+def is_version_folder(path: Path) -> bool:
+    """True for a complete version folder that towerrec wrote: a real folder (not a symlink) with a version
+    name and a manifest."""
+    return (VERSION_NAME.fullmatch(path.name) is not None and path.is_dir() and not path.is_symlink()
+            and (path / RunDir.MANIFEST).is_file())
 
 
 def write_version(index_root: Path, index: faiss.Index, items: pl.DataFrame, manifest: Manifest,
@@ -272,17 +289,16 @@ def embeddings_table(items: pl.DataFrame, vectors: np.ndarray, fingerprint: str)
 
 def set_live(index_root: Path, name: str) -> None:
     """Atomically (and durably: fsync'ed) point ``LIVE`` at version ``name``, which must exist and be complete."""
-    if not (index_root / name / RunDir.MANIFEST).is_file():
+    if not is_version_name(name) or not (index_root / name / RunDir.MANIFEST).is_file():
         raise IndexStateError(f"{index_root / name}: not a complete index version")
     write_durable(index_root / RunDir.LIVE, lambda tmp: tmp.write_text(name + "\n"))
 
 
 def list_versions(index_root: Path) -> list[Path]:
-    """Complete version folders, oldest first."""
+    """Complete version folders written by towerrec (see :func:`is_version_folder`), oldest first."""
     if not index_root.is_dir():
         return []
-    return sorted((p for p in index_root.iterdir() if p.name.startswith("v") and (p / RunDir.MANIFEST).is_file()),
-                  key=lambda p: p.name)
+    return sorted((p for p in index_root.iterdir() if is_version_folder(p)), key=lambda p: p.name)
 
 
 def prune_versions(index_root: Path, keep: int = 3, stale_after_s: float = 3600.0) -> list[Path]:
@@ -290,7 +306,9 @@ def prune_versions(index_root: Path, keep: int = 3, stale_after_s: float = 3600.
 
     A reader holding a deleted version keeps answering (its index is in memory and, on POSIX, its memory
     map outlives the file), but one that reloads by version name would not find it: keep at least 2.
-    Temporary folders of writers killed more than ``stale_after_s`` ago go too. Returns the deleted folders.
+    Temporary folders of writers killed more than ``stale_after_s`` ago go too. Only folders with the names
+    towerrec gives them are considered (see :data:`VERSION_NAME`); a symlink is never followed or removed.
+    Returns the deleted folders.
     """
     if keep < 1:
         raise IndexStateError(f"keep must be at least 1 (the live version), got {keep}")
@@ -302,11 +320,24 @@ def prune_versions(index_root: Path, keep: int = 3, stale_after_s: float = 3600.
     doomed = [p for p in versions[:-keep] if p.name != live]
     now = time.time()
     for p in index_root.iterdir() if index_root.is_dir() else ():
-        if p.name.startswith(".v") and p.is_dir() and now - p.stat().st_mtime > stale_after_s:
+        if (STAGING_NAME.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
+                and now - p.stat().st_mtime > stale_after_s):
             doomed.append(p)
     for p in doomed:
-        shutil.rmtree(p, ignore_errors=True)
-        logger.info("pruned index version %s", p.name)
+        if not p.name.startswith("."):
+            # Renamed to a staging name first, in one step: a process killed while deleting leaves a folder
+            # that no loader lists (and a later prune removes), never a version with some of its files gone.
+            trash = p.with_name(f".{p.name}-{uuid.uuid4().hex[:8]}")
+            os.replace(p, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+            gone = not trash.exists()
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            gone = not p.exists()
+        if gone:
+            logger.info("pruned index version %s", p.name)
+        else:
+            logger.warning("could not delete all of the old index version %s", p)
     return doomed
 
 
@@ -344,14 +375,56 @@ def write_durable(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def live_version(index_root: Path) -> Path:
-    """The folder ``LIVE`` points at."""
+def _recover(index_root: Path) -> str:
+    return (f"publish a new version with `towerrec build-index --run {index_root.parent}` or `towerrec reindex "
+            f"--run {index_root.parent}`, or write the name of a version folder of {index_root} into it")
+
+
+def live_name(index_root: Path) -> str | None:
+    """The version name ``LIVE`` holds; None when there is no ``LIVE`` (no index built yet).
+
+    An empty, unreadable or non-file ``LIVE``, or one naming anything but a folder directly inside
+    ``index_root`` (a path, ``..``, a dot-named staging folder), is an :class:`IndexStateError` naming the file
+    and how to recover. Whether that folder exists is :func:`live_version`'s check.
+    """
     pointer = index_root / RunDir.LIVE
+    if not pointer.exists() and not pointer.is_symlink():
+        return None
     if not pointer.is_file():
+        raise IndexStateError(f"{pointer}: not a file (it should hold the name of the live version folder); "
+                              f"remove it, then {_recover(index_root)}")
+    try:
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise IndexStateError(f"{pointer}: unreadable ({getattr(err, 'strerror', None) or err}); "
+                              f"{_recover(index_root)}") from None
+    if not name:
+        raise IndexStateError(f"{pointer} is empty: it names no live version; {_recover(index_root)}")
+    if not is_version_name(name):
+        raise IndexStateError(f"{pointer} names {name[:80]!r}, which is not a version folder of {index_root}; "
+                              f"{_recover(index_root)}")
+    return name
+
+
+def is_version_name(name: str) -> bool:
+    """True for a name that can only mean a folder directly inside the index folder, and not a staging one:
+    no path separator, not ``.``/``..``, not dot-named. Version names given by hand (a rollback) qualify."""
+    return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\0\n")
+
+
+def live_version(index_root: Path) -> Path:
+    """The folder ``LIVE`` points at: a version folder directly inside ``index_root``, never a path elsewhere.
+
+    Every way ``LIVE`` can be wrong (absent, empty, not a file, naming something outside ``index_root`` or a
+    folder that is missing or incomplete) is an :class:`IndexStateError` that says how to recover.
+    """
+    name = live_name(index_root)
+    if name is None:
         raise IndexStateError(f"{index_root}: no index built yet (run `towerrec build-index`)")
-    folder = index_root / pointer.read_text().strip()
+    folder = index_root / name
     if not (folder / RunDir.MANIFEST).is_file():
-        raise IndexStateError(f"{pointer} points at {folder.name}, which is missing or incomplete")
+        raise IndexStateError(f"{index_root / RunDir.LIVE} points at {name}, which is missing or incomplete; "
+                              f"{_recover(index_root)}")
     return folder
 
 

@@ -19,7 +19,7 @@ import cli
 import index.reindex as reindex_module
 from data.catalog import load_catalog, write_catalog
 from data.rundir import RunDir
-from errors import ConfigError, IndexStateError
+from errors import CatalogError, ConfigError, IndexStateError
 from index.build import build_index
 from index.evaluate import evaluate
 from index.recommender import Recommender
@@ -28,6 +28,8 @@ from index.store import Manifest, list_versions, live_version, prune_versions, r
 
 REPO = Path(__file__).resolve().parents[2]
 NEW_IDS = (900001, 900002)
+# What a reindex reports as the reason for the catalog it indexed (ReindexResult.catalog_source, CLI output).
+GIVEN, LIVE, TRAINING = "given", "the live version's catalog", "the training catalog"
 
 
 def changed_catalog(source: Path, out: Path) -> dict:
@@ -289,7 +291,7 @@ def test_cli_reindex(incremental, new_catalog, capfd) -> None:
     assert out["mode"] == "unchanged" and out["version"] == str(incremental[1].version)
     assert cli.main(["reindex", "--run", str(run), "--chunk-size", "0", "--device", "cpu"]) == 2
     err = capfd.readouterr().err.strip().splitlines()
-    assert err == ["towerrec reindex: error: chunk_size must be a positive integer, got 0"]
+    assert err == ["towerrec reindex: error: --chunk-size must be at least 1, got 0"]
 
 
 @pytest.mark.slow
@@ -313,3 +315,159 @@ def test_two_gloo_processes_write_their_own_chunks(rebuilt, tiny_run: Path, new_
     for item_id, v in b.items():
         np.testing.assert_allclose(a[item_id], v, atol=2e-6)
     assert not list((run / "index").glob(".reindex-*"))
+
+
+# -- which catalog a plain reindex serves ----------------------------------------------------------------------
+def _live_items(run: Path) -> pl.DataFrame:
+    return pl.read_parquet(live_version(run / "index") / RunDir.INDEX_ITEMS)
+
+
+def _assert_serves_changed_catalog(run: Path, ids: dict) -> None:
+    """The live version holds the changed catalog: its removed item retired, its new items searchable, its
+    edited titles."""
+    items = _live_items(run)
+    searchable = dict(zip(items["item_id"].to_list(), items["searchable"].to_list()))
+    titles = dict(zip(items["item_id"].to_list(), items["title"].to_list()))
+    assert searchable[ids["removed"]] is False
+    assert all(searchable[x] for x in ids["added"])
+    assert all(titles[x].endswith(" (Remastered)") for x in ids["edited"])
+
+
+def test_plain_reindex_keeps_serving_the_catalog_of_the_live_version(tiny_run: Path, new_catalog, tmp_path: Path,
+                                                                     capfd) -> None:
+    """reindex --catalog B, then a plain reindex (and a plain build-index): B stays served, and each says so."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    first = reindex(run, device="cpu", progress=False)
+    assert first.catalog_source == LIVE and first.mode == "unchanged"
+    assert first.catalog == Path(json.loads((run / RunDir.CATALOG_REF).read_text())["path"])
+    given = reindex(run, new_catalog[0], device="cpu", progress=False)
+    assert given.catalog_source == GIVEN and given.catalog == new_catalog[0].resolve()
+    assert Manifest.read(given.version / RunDir.MANIFEST).catalog_path == str(new_catalog[0].resolve())
+    _assert_serves_changed_catalog(run, new_catalog[1])
+
+    plain = reindex(run, device="cpu", progress=False)
+    assert plain.mode == "unchanged" and plain.version == given.version
+    assert (plain.catalog, plain.catalog_source) == (new_catalog[0].resolve(), LIVE)
+    _assert_serves_changed_catalog(run, new_catalog[1])
+
+    assert cli.main(["build-index", "--run", str(run), "--quiet", "--device", "cpu"]) == 0
+    out = capfd.readouterr().out.strip()
+    assert out.endswith(f"(catalog {new_catalog[0].resolve()}: {LIVE})")
+    _assert_serves_changed_catalog(run, new_catalog[1])
+    assert cli.main(["reindex", "--run", str(run), "--json", "--quiet", "--device", "cpu"]) == 0
+    report = json.loads(capfd.readouterr().out)
+    assert (report["catalog"], report["catalog_source"]) == (str(new_catalog[0].resolve()), LIVE)
+
+
+def test_a_recorded_catalog_that_is_gone_is_named_never_replaced(tiny_run: Path, new_catalog, tmp_path: Path,
+                                                                 capfd) -> None:
+    run = copy_run(tiny_run, tmp_path / "run")
+    moved = shutil.copytree(new_catalog[0], tmp_path / "catalog-b")
+    live = reindex(run, moved, device="cpu", progress=False).version
+    shutil.rmtree(moved)
+    for call in (lambda: reindex(run, device="cpu", progress=False), lambda: build_index(run, device="cpu",
+                                                                                           progress=False)):
+        with pytest.raises(CatalogError, match=rf"{moved.resolve()}: the catalog index version {live.name} was built "
+                                               r"from is not there .*--catalog"):
+            call()
+    assert cli.main(["reindex", "--run", str(run), "--quiet", "--device", "cpu"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(moved.resolve()) in err[0] and "--catalog" in err[0]
+    assert live_version(run / "index") == live and list_versions(run / "index")[-1] == live
+    _assert_serves_changed_catalog(run, new_catalog[1])
+    again = reindex(run, new_catalog[0], device="cpu", progress=False)  # naming it again recovers
+    assert again.catalog_source == GIVEN and again.mode == "incremental"
+
+
+def test_a_version_without_a_recorded_path_falls_back_only_to_the_same_catalog(tiny_run: Path, new_catalog,
+                                                                              tmp_path: Path) -> None:
+    """A manifest of format 2 has the catalog's hash but not its path: the training catalog is used only when
+    the hash is the training catalog's; otherwise --catalog is asked for."""
+    run = copy_run(tiny_run, tmp_path / "run")
+
+    def drop_path(folder: Path) -> None:
+        data = json.loads((folder / RunDir.MANIFEST).read_text())
+        del data["catalog_path"]
+        (folder / RunDir.MANIFEST).write_text(json.dumps(dict(data, format=2)))
+
+    drop_path(live_version(run / "index"))
+    r = reindex(run, device="cpu", progress=False)
+    assert r.catalog_source == TRAINING and r.mode == "incremental" and r.embedded == 0
+    drop_path(reindex(run, new_catalog[0], device="cpu", progress=False).version)
+    with pytest.raises(IndexStateError, match="built from a catalog other than the training catalog .* --catalog"):
+        reindex(run, device="cpu", progress=False)
+
+
+# -- flags and values that must be refused, naming what was typed ----------------------------------------------
+@pytest.mark.parametrize("command", ["build-index", "reindex"])
+@pytest.mark.parametrize("flags,says", [
+    (["--factory", ""], "--factory is empty"),
+    (["--factory", "  "], "--factory is empty"),
+    (["--keep", "0"], "--keep must be at least 1 (index versions kept, the live one included), got 0"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--workers", "-1"], "--workers must be 0 or more, got -1"),
+])
+def test_cli_refuses_bad_index_flags_naming_them(tiny_run: Path, capfd, command: str, flags: list, says: str) -> None:
+    before = sorted(p.name for p in (tiny_run / "index").iterdir())
+    assert cli.main([command, "--run", str(tiny_run), "--quiet", "--device", "cpu", *flags]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"towerrec {command}: error: {says}")
+    assert sorted(p.name for p in (tiny_run / "index").iterdir()) == before
+
+
+@pytest.mark.parametrize("factory", ["", "   "])
+def test_library_refuses_an_empty_factory(tiny_run: Path, factory: str) -> None:
+    """An empty factory is refused, not replaced by the default (build-index's config default, reindex's live one)."""
+    for call in (build_index, reindex):
+        with pytest.raises(IndexStateError, match="factory must be a FAISS index_factory string"):
+            call(tiny_run, factory=factory, device="cpu", progress=False)
+    with pytest.raises(ConfigError, match="batch_size must be a positive integer, got 0"):
+        reindex(tiny_run, batch_size=0)
+
+
+# -- nothing that is not the reindex's is deleted or replaced -------------------------------------------------
+def test_reindex_deletes_only_its_own_work_folders(tiny_run: Path, tmp_path: Path) -> None:
+    run = copy_run(tiny_run, tmp_path / "run")
+    root = run / "index"
+    mine = root / ".reindex-notes"  # not a work folder name
+    mine.mkdir()
+    (mine / "plan.json").write_text("{}")
+    shared = root / ".reindex-0123456789abcdef"  # a work folder name, holding a file a reindex never writes
+    shared.mkdir()
+    (shared / "plan.json").write_text("{}")
+    (shared / "chunk-000000.parquet").write_bytes(b"stale")
+    (shared / "README.txt").write_text("do not delete")
+    stale = root / ".reindex-fedcba9876543210"  # an abandoned plan: removed
+    stale.mkdir()
+    (stale / "plan.json").write_text("{}")
+    (stale / ".chunk-000001.parquet.0badf00d.tmp").write_bytes(b"half")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "plan.json").write_text("{}")
+    (root / ".reindex-00000000000000aa").symlink_to(outside, target_is_directory=True)
+
+    r = reindex(run, full=True, chunk_size=64, device="cpu", progress=False)
+    assert r.mode == "full" and live_version(root) == r.version
+    assert (mine / "plan.json").read_text() == "{}"
+    assert sorted(p.name for p in shared.iterdir()) == ["README.txt"]
+    assert not stale.exists()
+    assert (root / ".reindex-00000000000000aa").is_symlink() and (outside / "plan.json").read_text() == "{}"
+
+
+def test_an_index_path_or_live_pointer_that_is_not_ours_is_refused_untouched(tiny_run: Path, tmp_path: Path) -> None:
+    run = copy_run(tiny_run, tmp_path / "run")
+    shutil.rmtree(run / "index")
+    (run / "index").write_text("my notes")
+    with pytest.raises(IndexStateError, match=r"index: exists and is not a folder"):
+        build_index(run, device="cpu", progress=False)
+    assert (run / "index").read_text() == "my notes"
+
+    (run / "index").unlink()
+    shutil.copytree(tiny_run / "index", run / "index")
+    (run / "index" / "LIVE").unlink()
+    (run / "index" / "LIVE").mkdir()
+    (run / "index" / "LIVE" / "keep.txt").write_text("mine")
+    versions = list_versions(run / "index")
+    with pytest.raises(IndexStateError, match=r"LIVE: exists and is not a file"):
+        reindex(run, full=True, device="cpu", progress=False)
+    assert (run / "index" / "LIVE" / "keep.txt").read_text() == "mine" and list_versions(run / "index") == versions

@@ -20,6 +20,7 @@ from index.store import (
     embeddings_table,
     empty_index,
     list_versions,
+    live_name,
     live_version,
     prune_versions,
     read_vectors,
@@ -320,6 +321,10 @@ def test_manifest_refuses_newer_format_and_other_metric(tmp_path: Path) -> None:
     (folder / "manifest.json").write_text(json.dumps(dict(data, format=99)))
     with pytest.raises(IndexStateError, match="manifest format 99 is newer than this towerrec reads"):
         read_version(folder)
+    # A newer format names its version even when it has keys this towerrec does not know.
+    (folder / "manifest.json").write_text(json.dumps(dict(data, format=99, shards=4)))
+    with pytest.raises(IndexStateError, match="manifest format 99 is newer than this towerrec reads"):
+        read_version(folder)
     (folder / "manifest.json").write_text(json.dumps(dict(data, metric="l2")))
     with pytest.raises(IndexStateError, match="metric 'l2'"):
         read_version(folder)
@@ -327,9 +332,10 @@ def test_manifest_refuses_newer_format_and_other_metric(tmp_path: Path) -> None:
     with pytest.raises(IndexStateError, match=r"items table 40 rows, manifest says 40 \(\+2 retired\)"):
         read_version(folder)
     # A version written before format 2 (no retired rows, no provenance) still reads.
-    old = {k: v for k, v in data.items() if k not in ("retired", "base", "embedded", "mode")}
+    old = {k: v for k, v in data.items() if k not in ("retired", "base", "embedded", "mode", "catalog_path")}
     (folder / "manifest.json").write_text(json.dumps(dict(old, format=1)))
     assert read_version(folder)[2].rows == 40
+    assert data["format"] == 3 and data["catalog_path"] == ""  # format 3 records the catalog's path
 
 
 def test_prune_keeps_the_newest_and_the_live_version(tmp_path: Path) -> None:
@@ -338,7 +344,7 @@ def test_prune_keeps_the_newest_and_the_live_version(tmp_path: Path) -> None:
     folders = [write_version(root, index, items, manifest) for _ in range(4)]
     assert list_versions(root) == folders  # names sort by creation time, even within one second
     set_live(root, folders[0].name)
-    stale = root / ".v20200101-000000-000000-dead-x1"  # a writer killed long ago
+    stale = root / ".v20200101-000000-000000-dead-x1y2z3_4"  # a writer killed long ago
     stale.mkdir()
     os.utime(stale, (0, 0))
     deleted = prune_versions(root, keep=2)
@@ -346,3 +352,110 @@ def test_prune_keeps_the_newest_and_the_live_version(tmp_path: Path) -> None:
     assert list_versions(root) == [folders[0], folders[2], folders[3]] and live_version(root) == folders[0]
     with pytest.raises(IndexStateError, match="keep must be at least 1"):
         prune_versions(root, keep=0)
+
+
+@pytest.mark.parametrize("content,says", [
+    ("", "is empty: it names no live version"),
+    ("  \n", "is empty: it names no live version"),
+    ("../../etc\n", "names '../../etc', which is not a version folder of"),
+    ("/etc\n", "names '/etc', which is not a version folder of"),
+    (".v20260101-000000-000000-abcd-x1y2z3_4\n", "which is not a version folder of"),
+    (b"\xff\xfe\x00", "unreadable"),
+])
+def test_a_bad_live_pointer_is_named_with_how_to_recover(tmp_path: Path, content, says: str) -> None:
+    """An empty, unreadable or escaping LIVE is one clear error naming the file and the commands that fix it."""
+    root = tmp_path / "run" / "index"
+    _, index, items, manifest = _version_inputs()
+    write_version(root, index, items, manifest)
+    (root / "LIVE").write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(IndexStateError) as err:
+        live_version(root)
+    message = str(err.value)
+    assert says in message and str(root / "LIVE") in message
+    assert f"towerrec build-index --run {root.parent}" in message and "towerrec reindex" in message
+    assert "points at" not in message
+
+
+def test_live_pointer_that_is_a_folder_is_named(tmp_path: Path) -> None:
+    root = tmp_path / "index"
+    (root / "LIVE").mkdir(parents=True)
+    with pytest.raises(IndexStateError, match=r"LIVE: not a file .*remove it, then publish a new version"):
+        live_version(root)
+
+
+def test_set_live_refuses_a_name_outside_the_index_folder(tmp_path: Path) -> None:
+    _, index, items, manifest = _version_inputs()
+    elsewhere = write_version(tmp_path / "other", index, items, manifest, make_live=False)
+    root = tmp_path / "index"
+    write_version(root, index, items, manifest)
+    before = (root / "LIVE").read_text()
+    with pytest.raises(IndexStateError, match="not a complete index version"):
+        set_live(root, f"../other/{elsewhere.name}")
+    assert (root / "LIVE").read_text() == before
+
+
+def test_prune_deletes_only_what_towerrec_wrote(tmp_path: Path) -> None:
+    """Folders and links that a person put in index/ survive pruning, even when they look almost like ours."""
+    root = tmp_path / "index"
+    _, index, items, manifest = _version_inputs()
+    folders = [write_version(root, index, items, manifest) for _ in range(3)]
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    (outside / "manifest.json").write_text("{}")
+    foreign = {
+        "vacation": "folder",  # starts with "v" and holds a manifest
+        ".vscode": "folder",  # starts with ".v", old
+        "v20260101-000000-000000-abcd-copy": "folder",  # a version name with a suffix
+        "v20200101-000000-000000-abcd": "link",  # a version name, but a symlink to a folder elsewhere
+        ".v20200101-000000-000000-abcd-x1y2z3_4": "link",  # a staging name, but a symlink
+    }
+    for name, kind in foreign.items():
+        if kind == "folder":
+            (root / name).mkdir()
+            (root / name / "manifest.json").write_text("{}")
+            (root / name / "notes.txt").write_text("mine")
+        else:
+            (root / name).symlink_to(outside, target_is_directory=True)
+        os.utime(root / name, (0, 0), follow_symlinks=False)
+    deleted = prune_versions(root, keep=1)
+    assert sorted(deleted) == folders[:2]
+    assert list_versions(root) == [folders[2]]
+    for name, kind in foreign.items():
+        assert (root / name).is_symlink() if kind == "link" else (root / name / "notes.txt").read_text() == "mine"
+    assert (outside / "manifest.json").read_text() == "{}"
+
+
+def test_live_name_reads_the_pointer_for_serving(tmp_path: Path) -> None:
+    """``live_name``: None without LIVE (serve waits for a first version), the name otherwise, checked the same."""
+    root = tmp_path / "index"
+    root.mkdir()
+    assert live_name(root) is None
+    (root / "LIVE").write_text("v20260101-000000-000000-abcd\n")
+    assert live_name(root) == "v20260101-000000-000000-abcd"  # whether it exists is live_version's check
+    (root / "LIVE").write_text("../run2/index/v1\n")
+    with pytest.raises(IndexStateError, match="which is not a version folder of"):
+        live_name(root)
+
+
+def test_a_prune_killed_mid_delete_leaves_no_half_version(tmp_path: Path, monkeypatch) -> None:
+    """Killed while deleting an old version: every listed version still loads (the rest is a staging folder)."""
+    import index.store as store
+
+    root = tmp_path / "index"
+    _, index, items, manifest = _version_inputs()
+    folders = [write_version(root, index, items, manifest) for _ in range(3)]
+
+    def killed_rmtree(path, ignore_errors=False):
+        (Path(path) / "index.faiss").unlink()  # the first file gone, then the process dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store.shutil, "rmtree", killed_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        prune_versions(root, keep=1)
+    monkeypatch.undo()
+    assert list_versions(root) == folders[1:] and live_version(root) == folders[2]
+    for folder in list_versions(root):
+        read_version(folder)
+    (left,) = [p for p in root.iterdir() if p.name.startswith(".v")]
+    os.utime(left, (0, 0))
+    assert left in prune_versions(root, keep=3) and not left.exists()  # a later prune removes the staging folder
