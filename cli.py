@@ -34,7 +34,7 @@ def cmd_prepare(args) -> None:
 
     cat = prepare(args.format, args.out, src=args.src, items=args.items, interactions=args.interactions,
                   mapping=_mapping(args.map), media_root=args.media_root,
-                  drop_unknown_items=args.drop_unknown_items)
+                  drop_unknown_items=args.drop_unknown_items, overwrite=args.overwrite)
     print(f"catalog {args.out}: {cat.items.height} items, {cat.interactions.height} interactions, "
           f"{cat.interactions['user_id'].n_unique()} users")
 
@@ -57,37 +57,62 @@ def cmd_train(args) -> None:
         config = config_from_dict(source.read_config().to_dict(), overrides, source=str(source.config_path))
     else:
         config = load_config(args.config or "hllm", overrides)
-    result = train(config, args.catalog, args.run, progress=not args.quiet, overwrite=args.overwrite,
+    result = train(config, args.catalog, args.run, progress=not (args.quiet or args.json), overwrite=args.overwrite,
                    resume=args.resume, resume_from=args.resume_from)
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, process 0 reports
         return
-    print(json.dumps({"run": str(result.run_dir), "best_epoch": result.best_epoch, "valid": result.valid,
-                      "test_retrieval": result.test, "seconds": round(result.seconds, 1)}, indent=2))
+    if args.json:
+        print(json.dumps({"run": str(result.run_dir), "best_epoch": result.best_epoch, "valid": result.valid,
+                          "test_retrieval": result.test, "seconds": round(result.seconds, 1)}))
+        return
+    v, t = result.valid, result.test
+    print(f"trained {result.run_dir}: best epoch {result.best_epoch} of {len(result.history)}, valid NDCG@10 "
+          f"{v['ndcg@10']:.4f} Recall@10 {v['recall@10']:.4f}, test NDCG@10 {t['ndcg@10']:.4f} Recall@10 "
+          f"{t['recall@10']:.4f} ({result.seconds:.1f} s)")
+
+
+def _check_index_flags(args) -> None:
+    """build-index and reindex: refuse flag values the library would refuse, naming the flag as typed (an
+    empty --factory would otherwise mean "the default")."""
+    from errors import ConfigError, IndexStateError
+
+    if args.factory is not None and not args.factory.strip():
+        raise IndexStateError("--factory is empty: give a FAISS index_factory string such as 'Flat', 'HNSW32' or "
+                              "'IVF256,Flat', or leave --factory out for the default")
+    if args.keep < 1:
+        raise ConfigError(f"--keep must be at least 1 (index versions kept, the live one included), got {args.keep}")
+    for flag, value in (("--chunk-size", args.chunk_size), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
+    if args.workers < 0:
+        raise ConfigError(f"--workers must be 0 or more, got {args.workers}")
 
 
 def cmd_build_index(args) -> None:
-    from index.build import build_index
+    from index.build import full_reindex
 
-    folder = build_index(args.run, args.catalog, args.factory, args.batch_size, args.workers, args.device,
-                         progress=not args.quiet, keep_versions=args.keep, chunk_size=args.chunk_size)
+    _check_index_flags(args)
+    r = full_reindex(args.run, args.catalog, args.factory, args.batch_size, args.workers, args.device,
+                     progress=not args.quiet, keep_versions=args.keep, chunk_size=args.chunk_size)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, process 0 reports
-        print(f"live index: {folder}")
+        print(f"live index: {r.version} (catalog {r.catalog}: {r.catalog_source})")
 
 
 def cmd_reindex(args) -> None:
     from index.reindex import reindex
 
+    _check_index_flags(args)
     r = reindex(args.run, args.catalog, full=args.full, factory=args.factory, chunk_size=args.chunk_size,
                 keep_versions=args.keep, batch_size=args.batch_size, num_workers=args.workers, device=args.device,
                 progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, process 0 reports
         return
     if args.json:
-        print(json.dumps({k: (str(v) if k == "version" else v) for k, v in r.__dict__.items()}))
+        print(json.dumps({k: (str(v) if k in ("version", "catalog") else v) for k, v in r.__dict__.items()}))
         return
     print(f"live index: {r.version} ({r.mode}: {r.embedded} embedded, {r.copied} copied; {r.added} added, "
           f"{r.edited} edited, {r.removed} removed, {r.retired} retired; {r.resumed_chunks} of {r.chunks} "
-          f"chunk(s) resumed; {r.seconds:.1f} s)")
+          f"chunk(s) resumed; {r.seconds:.1f} s; catalog {r.catalog}: {r.catalog_source})")
 
 
 def _id_arg(value: str | None, flag: str) -> list[str] | None:
@@ -123,8 +148,9 @@ def cmd_query(args) -> None:
     if args.json:
         items = [{k: v for k, v in dataclasses.asdict(r).items() if args.explain or not k.startswith("reason")}
                  for r in results]
+        hint = {"hint": results.hint} if results.hint else {}
         print(json.dumps({"version": results.version, "latency_ms": round(results.latency_ms, 3),
-                          "items": items}, default=str))
+                          "items": items, **hint}, default=str))
         return
     shown = hist[-10:]
     what = f"{len(hist)} items" if len(shown) == len(hist) else f"last {len(shown)} of {len(hist)} items"
@@ -137,6 +163,8 @@ def cmd_query(args) -> None:
         print(f"  {i:2d}. {r.item_id}: {r.title}  (score {r.score:.3f}, retrieval {r.retrieval_score:.3f}{extra})")
         if r.reason is not None:
             print(f"      {r.reason}")
+    if results.hint:
+        print(f"  hint: {results.hint}")
     print(f"index version {results.version}, query {results.latency_ms:.1f} ms")
 
 
@@ -144,18 +172,30 @@ def cmd_train_rerank(args) -> None:
     from train.rerank import train_reranker
 
     r = train_reranker(args.run, mode=args.mode, overrides=args.set, catalog_dir=args.catalog, device=args.device,
-                       progress=not args.quiet)
-    print(json.dumps({"run": str(r.run_dir), "mode": r.mode, "weight": r.weight, "best_step": r.best_step,
-                      "steps": r.steps, "seconds": round(r.seconds, 1), "valid": r.valid}, indent=2))
+                       progress=not (args.quiet or args.json))
+    if args.json:
+        print(json.dumps({"run": str(r.run_dir), "mode": r.mode, "weight": r.weight, "best_step": r.best_step,
+                          "steps": r.steps, "seconds": round(r.seconds, 1), "valid": r.valid}))
+        return
+    before, after = r.valid["retrieval"]["ndcg@10"], r.valid["fused"]["ndcg@10"]
+    print(f"reranker ({r.mode}) saved into {r.run_dir}: best step {r.best_step} of {r.steps}, fusion weight "
+          f"{r.weight:g}, valid NDCG@10 {before:.4f} retrieval -> {after:.4f} reranked on {r.valid['users']} users "
+          f"({r.seconds:.1f} s)")
 
 
 def cmd_train_reasons(args) -> None:
     from train.explain import train_reasons
 
     r = train_reasons(args.run, overrides=args.set, catalog_dir=args.catalog, device=args.device,
-                      progress=not args.quiet)
-    print(json.dumps({k: r[k] for k in ("best_step", "steps", "valid_exact", "valid_users", "train_reasons",
-                                        "seconds")} | {"run": args.run}, indent=2))
+                      progress=not (args.quiet or args.json))
+    if args.json:
+        print(json.dumps({k: r[k] for k in ("best_step", "steps", "valid_exact", "valid_users", "train_reasons",
+                                            "seconds")} | {"run": args.run}))
+        return
+    zero_shot = r["history"][0]["exact"] if r.get("history") else float("nan")
+    print(f"reasons adapter saved into {args.run}: best step {r['best_step']} of {r['steps']}, "
+          f"{100 * r['valid_exact']:.1f}% of {r['valid_users']} validation reasons as the evidence composes them "
+          f"(zero-shot {100 * zero_shot:.1f}%), {r['train_reasons']} training reasons ({r['seconds']:.1f} s)")
 
 
 def cmd_evaluate(args) -> None:
@@ -199,7 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(default: the items file's folder)")
     s.add_argument("--drop-unknown-items", action="store_true",
                    help="generic: drop interactions whose item is not in the items table instead of failing")
-    s.add_argument("--out", required=True, help="catalog folder to write")
+    s.add_argument("--out", required=True, help="catalog folder to write (new or empty)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier catalog at --out (never a file, nor a folder with other files)")
     s.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser("train", parents=[common], help="train both towers and write a run directory")
@@ -217,13 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from a trained run's weights (re-fine-tuning on a newer catalog; its id vectors "
                         "are kept by item id, new items start fresh); then `reindex` the new run")
     s.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the config's train.device)")
-    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--quiet", action="store_true", help="no progress bars (they show only on a terminal anyway)")
+    s.add_argument("--json", action="store_true", help="print the result as one line of JSON (no progress bars): "
+                                                       "{run, best_epoch, valid, test_retrieval, seconds}")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("build-index", parents=[common],
                        help="embed the whole catalog and write a new live FAISS index version")
     s.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory (--run-dir under torchrun)")
-    s.add_argument("--catalog", help="catalog to index (default: the one the run was trained on)")
+    s.add_argument("--catalog", help="catalog to index (default: the live version's, else the one the run was "
+                                     "trained on)")
     s.add_argument("--factory", help="FAISS index_factory string (default: the config's index.factory)")
     _index_work_args(s)
     s.set_defaults(func=cmd_build_index)
@@ -232,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="bring the index up to date: embed only new and changed items (all of them when the "
                             "item tower changed), resumable, then publish a new live version")
     s.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory (--run-dir under torchrun)")
-    s.add_argument("--catalog", help="catalog to serve (default: the one the run was trained on)")
+    s.add_argument("--catalog", help="catalog to serve (default: the one the live version was built from, else "
+                                     "the one the run was trained on)")
     s.add_argument("--factory", help="FAISS index_factory string (default: the live version's, else the config's)")
     s.add_argument("--full", action="store_true", help="embed every item again, even unchanged ones")
     s.add_argument("--json", action="store_true", help="print the result as one line of JSON")
@@ -270,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a rerank setting, e.g. rerank.train_users=300 or rerank.max_minutes=30 (repeatable)")
     s.add_argument("--catalog", help="the training catalog's new location, if it moved (content must match)")
     s.add_argument("--device", default="auto")
-    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--quiet", action="store_true", help="no progress bars (they show only on a terminal anyway)")
+    s.add_argument("--json", action="store_true", help="print the result as one line of JSON (no progress bars): "
+                                                       "{run, mode, weight, best_step, steps, seconds, valid}")
     s.set_defaults(func=cmd_train_rerank)
 
     s = sub.add_parser("train-reasons", parents=[common],
@@ -280,7 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a rerank setting, e.g. rerank.train_users=300 or rerank.epochs=1 (repeatable)")
     s.add_argument("--catalog", help="the training catalog's new location, if it moved (content must match)")
     s.add_argument("--device", default="auto")
-    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--quiet", action="store_true", help="no progress bars (they show only on a terminal anyway)")
+    s.add_argument("--json", action="store_true", help="print the result as one line of JSON (no progress bars): "
+                                                       "{best_step, steps, valid_exact, valid_users, train_reasons, "
+                                                       "seconds, run}")
     s.set_defaults(func=cmd_train_reasons)
 
     s = sub.add_parser("evaluate", parents=[common], help="Recall/NDCG/MRR@5/10/20 under the leave-one-out protocol")

@@ -321,6 +321,14 @@ class Config(_Checked):
     train: TrainConfig = field(default_factory=TrainConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # Only the item-sequence loop (train/sequence.py) saves and restores a training state; the text-profile
+        # loop would accept the flag and never save anything to resume from.
+        if self.train.resumable and self.user.input != "items":
+            raise FieldError("train.resumable", "only item-sequence training (user.input=items) saves a state to "
+                                                f"resume from; this config has user.input={self.user.input!r}")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict, JSON-serialisable."""
         return dataclasses.asdict(self)

@@ -20,15 +20,21 @@
             .reindex-<plan>/    a reindex in progress: plan.json and its finished chunks (chunk-*.parquet),
                                 removed once the new version is live
 
-Training writes a new run into a temporary sibling folder and publishes it whole at the end, so an
-interrupted run never leaves a half-written run directory (nor destroys the previous one).
+Training writes a new run into a temporary sibling folder (``.<run>-training-*``) and publishes it whole at the
+end, so an interrupted run never leaves a half-written run directory (nor destroys the previous one). The staging
+folder holds an owner record (``.owner.json``: host, pid, the process's start time and the boot id, which together
+survive pid reuse) until it is published; the next training on the same path removes the staging folders whose
+owner process is gone (a SIGKILL leaves one behind), and leaves those of a live process, or of another host, alone.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import socket
+import time
 from pathlib import Path
 
 import polars as pl
@@ -66,6 +72,12 @@ class RunDir:
     REINDEX_WORK = ".reindex-"
     REINDEX_PLAN = "plan.json"
     REINDEX_CHUNK = "chunk-{:06d}.parquet"
+    # Inside a staging folder until it is published: the training process that writes it (see owner_record).
+    OWNER = ".owner.json"
+    STAGING = "-training-"  # a staging folder is named .<run name>-training-<random>
+    # A staging folder without an owner record (its owner died between creating it and recording itself, or
+    # between dropping the record and publishing: instants) is removed once it is this old and holds run files only.
+    UNOWNED_STALE_S = 24 * 3600
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -113,26 +125,97 @@ class RunDir:
         return self
 
     # -- creating a run ----------------------------------------------------------------------------------------
+    def check_replaceable(self, overwrite: bool = False) -> None:
+        """Raise a :class:`CheckpointError` unless a run may be published at this path.
+
+        Absent, or an empty folder: yes. A towerrec run (its ``config.json`` is a towerrec config, of this or an
+        earlier version): only with ``overwrite`` (its index versions would not match the new towers, so the
+        whole folder goes). Anything else (a file, a symbolic link, a folder of other files) is never replaced,
+        ``overwrite`` or not.
+        """
+        if self.path.is_symlink():
+            raise CheckpointError(f"{self.path}: is a symbolic link; give the folder it points to as --run")
+        if not self.path.exists():
+            return
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: exists and is not a folder")
+        if not any(self.path.iterdir()):
+            return
+        if not self._holds_run_config():
+            raise CheckpointError(f"{self.path} already holds files and is no towerrec run (no {self.CONFIG} of a "
+                                  "towerrec config); it is never replaced, even with --overwrite: choose another --run")
+        if not overwrite:
+            raise CheckpointError(f"{self.path} already holds a towerrec run; choose another --run or pass --overwrite")
+
+    def _holds_run_config(self) -> bool:
+        """True when ``config.json`` is a towerrec config (a JSON object with its sections), of any version."""
+        try:
+            data = json.loads(self.config_path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            return False
+        return isinstance(data, dict) and {"user", "item", "train"} <= set(data)
+
     def staging(self, overwrite: bool = False) -> RunDir:
         """A new empty run folder beside this one, to be published with :meth:`publish` when complete.
 
-        Refuses to replace an existing run unless ``overwrite`` (its index versions would not match the new
-        towers, so they go with it).
+        Refuses a path that may not be replaced (:meth:`check_replaceable`) before creating anything. Removes the
+        staging folders of earlier trainings on this path whose owner process is gone (:meth:`sweep_staging`),
+        then records this process as the new folder's owner.
         """
-        if self.path.exists() and not self.path.is_dir():
-            raise CheckpointError(f"{self.path}: exists and is not a folder")
-        if self.path.exists() and any(self.path.iterdir()) and not overwrite:
-            what = "a towerrec run" if self.config_path.is_file() else "files"
-            raise CheckpointError(f"{self.path} already holds {what}; choose another --run or pass --overwrite")
-        return RunDir(temp_dir(self.path.parent, f".{self.path.name}-training-"))
+        self.check_replaceable(overwrite)
+        self.sweep_staging()
+        staged = RunDir(temp_dir(self.path.parent, f".{self.path.name}{self.STAGING}"))
+        write_text(staged.path / self.OWNER, json.dumps(owner_record()))
+        return staged
 
-    def publish(self, staged: RunDir) -> None:
-        """Move a complete staged run into this folder's place (replacing what was there, all at once)."""
+    def publish(self, staged: RunDir, overwrite: bool = False) -> None:
+        """Move a complete staged run into this folder's place (replacing what was there, all at once).
+
+        The path is checked again (:meth:`check_replaceable`): something may have appeared there while training.
+        """
+        self.check_replaceable(overwrite)
+        (staged.path / self.OWNER).unlink(missing_ok=True)
         publish_dir(staged.path, self.path)
 
     def discard(self) -> None:
         """Delete a staged run folder that will not be published."""
         shutil.rmtree(self.path, ignore_errors=True)
+
+    def sweep_staging(self, now: float | None = None) -> list[Path]:
+        """Remove the abandoned staging folders of trainings on this path; returns the removed folders.
+
+        A staging folder is abandoned when its owner record names a process of this host that is gone (or
+        whose pid now belongs to another process: the start time differs, or the machine rebooted). One without
+        a readable record is removed only when older than ``UNOWNED_STALE_S`` and holding nothing but run
+        files. A live owner's folder, another host's (which cannot be checked from here), symbolic links and
+        anything else are left alone.
+        """
+        now = time.time() if now is None else now
+        removed = []
+        if not self.path.parent.is_dir():
+            return removed
+        known = {self.OWNER, self.CONFIG, self.WEIGHTS, self.METRICS, self.CURVES, self.CATALOG_REF,
+                 self.HISTORIES, self.ID_TABLE}
+        for folder in sorted(self.path.parent.glob(f".{self.path.name}{self.STAGING}*")):
+            if folder.is_symlink() or not folder.is_dir():
+                continue
+            try:
+                record = json.loads((folder / self.OWNER).read_text())
+                alive = owner_alive(record)
+            except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError):
+                try:
+                    names = {p.name for p in folder.iterdir()}
+                    old = now - folder.stat().st_mtime > self.UNOWNED_STALE_S
+                except OSError:
+                    continue
+                if not old or not all(n in known or n.endswith(".tmp") for n in names):
+                    continue
+                alive = False
+            if alive is False:
+                shutil.rmtree(folder, ignore_errors=True)
+                logger.info("removed %s: staging folder of an interrupted training", folder)
+                removed.append(folder)
+        return removed
 
     # -- config ----------------------------------------------------------------------------------------------
     def write_config(self, config: Config) -> None:
@@ -233,6 +316,56 @@ class RunDir:
         if not path.is_file():
             raise CheckpointError(f"{path}: not found; is {self.path} a complete run directory?")
         return ItemSpace(_read_parquet(path)["item_id"].to_list(), name="id table")
+
+
+def _process_start(pid: int) -> str | None:
+    """Start time of process ``pid`` (clock ticks after boot, /proc/<pid>/stat field 22); None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # the command name, in parentheses, may hold spaces
+    return fields[19] if len(fields) > 19 else None
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def owner_record() -> dict:
+    """Who owns a staging folder: this host, this process's pid, its start time and the boot id."""
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "start": _process_start(pid), "boot": _boot_id()}
+
+
+def owner_alive(record: dict) -> bool | None:
+    """Whether the process an :func:`owner_record` names still runs: True, False, or None (another host).
+
+    A pid alone is not enough (pids are reused): a recorded start time or boot id that differs from the
+    running process's means the owner is gone. Where /proc is absent the pid alone decides.
+    """
+    if record["host"] != socket.gethostname():
+        return None
+    pid = int(record["pid"])
+    if pid <= 0:
+        raise ValueError(f"not a process id: {pid}")
+    if record.get("boot") is not None and _boot_id() is not None and record["boot"] != _boot_id():
+        return False
+    start = _process_start(pid)
+    if start is not None:
+        return record.get("start") is None or record["start"] == start
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def _read_json(path: Path):

@@ -12,12 +12,11 @@ import random
 import time
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from data.protocol import held_out, list_rank, ranking_metrics, split_catalog
 from data.rundir import RunDir
 from errors import QueryError
 from index.recommender import Recommender
+from towers.progress import tqdm
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ BASE="user.input=items item.text.enabled=false item.audio.enabled=false train.ba
 run() {  # name catalog overrides...
   local name=$1 cat=$2; shift 2
   local t0=$(date +%s.%N)
-  python3 cli.py train --config offline --catalog "$cat" --run "/tmp/runs/$name" --quiet \
+  python3 cli.py train --config offline --catalog "$cat" --run "/tmp/runs/$name" --json \
       $(for o in $BASE "$@"; do printf -- '--set %s ' "$o"; done) > "/tmp/runs/$name.json" 2> "/tmp/runs/$name.err"
   local rc=$?
   python3 - "$name" "$rc" "$t0" <<'PY' >> "$OUT/gpu_runs.jsonl"

@@ -365,7 +365,7 @@ def test_train_overwrite_replaces_run(run_copy: Path, tiny_catalog: Path, capsys
     (run_copy / "notes.txt").write_text("from the old run")
     old_metrics = (run_copy / "metrics.json").read_text()
     code = cli.main(["train", *TINY_TRAIN, "--set", "train.seed=1", "--catalog", str(tiny_catalog),
-                     "--run", str(run_copy), "--overwrite"])
+                     "--run", str(run_copy), "--overwrite", "--json"])
     assert code == 0
     assert json.loads(capsys.readouterr().out)["run"] == str(run_copy)
     names = sorted(p.name for p in run_copy.iterdir())

@@ -18,11 +18,14 @@ reasons adapter fine-tuned by ``towerrec train-reasons`` (``train/explain.py``) 
 :func:`template_reason` composes from the same evidence: ``Because you watched "Heat (1995)" and "Fargo (1996)":
 another action/crime pick.``
 
-Every reason is then checked (:func:`ground`, :func:`genre_claims`): it must cite at least one history item, no
-title it names, quoted or not, may be outside the history, and every genre it names must be one the
-recommendation shares with an item it cites. A reason that fails is replaced by :func:`template_reason` over the
-two history items with the most evidence, so no reason names an item the user has not seen or a genre the data
-does not back.
+Every reason is then checked (:func:`check_reason`, :func:`ground`, :func:`genre_claims`): it must be one finished
+sentence of at most ``MAX_REASON_WORDS`` words besides its titles, quote only exact titles of the history (the
+catalog's strings, case and spacing included), and be written, outside those quotes, in plain lowercase words
+of its evidence or of :data:`towers.reason_words.COMMON_WORDS` (an LM with random or degenerate weights writes
+word pieces that fail this); it must cite at least one history item, no title it names, quoted or not, may be
+outside the history, and every genre it names must be one the recommendation shares with an item it cites. A
+reason that fails is replaced by :func:`template_reason` over the two history items with the most evidence, so no
+reason names an item the user has not seen or a genre the data does not back, and none is word salad.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import torch
 from transformers import LogitsProcessor
 
 from errors import ModelLoadError
+from towers.reason_words import COMMON_WORDS
 from towers.rerank import LLMReranker
 
 PROMPT = ('Recommended next: "{title}"{about}\nRelated items this user watched (genres in common): {related}\nIn one '
@@ -45,6 +49,7 @@ PROMPT = ('Recommended next: "{title}"{about}\nRelated items this user watched (
 # then the opening quote token
 OPENING = 'Because you watched "'
 REASONS = "reasons"  # the reasons adapter's name in a run's rerank/ folder (reasons.safetensors, reasons.json)
+_PROMPT_WORDS = frozenset(w.lower() for w in re.findall(r"[A-Za-z]+", PROMPT))  # the instruction's own words
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,67 @@ def ground(text: str, matcher: TitleMatcher, history_rows: Sequence[int]) -> lis
             return None
         cites += [r for r in hits if r not in cites]
     return cites or None
+
+
+MAX_REASON_WORDS = 30  # words outside the quoted titles: one short sentence (the template uses at most 6)
+MAX_REASON_CHARS = 400  # the whole reason, titles included
+_OTHER_QUOTES = "\u201c\u201d\u201e\u201f\u00ab\u00bb\u2039\u203a\u300c\u300d\u300e\u300f`"  # only straight " quotes
+_WORD = re.compile(r"[A-Za-z]+(?:['\u2019-][A-Za-z]+)*")
+_OUTSIDE = re.compile(r"[A-Za-z'\u2019\s,;:.!?/&-]*")  # letters and sentence punctuation: no digits, brackets, symbols
+
+
+def _words(text: str) -> list[str]:
+    return [w.replace("\u2019", "'") for w in _WORD.findall(text)]
+
+
+def check_reason(text: str, titles: Sequence[str], evidence: Sequence[str] = ()) -> str | None:
+    """Why the LM's reason ``text`` is refused, or ``None`` when its form passes every check.
+
+    ``titles`` are the exact titles it may quote (the user's history, as the catalog spells them); ``evidence``
+    are other strings whose words it may use (the recommendation's title, the catalog's genres). The reason must:
+
+    - start with ``Because you watched "``, be at most ``MAX_REASON_CHARS`` long and end a finished sentence
+      (``.``, ``!`` or ``?``; a text cut at ``rerank.explain_tokens`` ends with ``…`` and is refused);
+    - quote with straight double quotes only, each quoted span exactly one of ``titles`` and none twice;
+    - outside the quotes, hold letters and sentence punctuation only (no digits, brackets, symbols or other
+      scripts), at most ``MAX_REASON_WORDS`` words, each lowercase (the first word, and words spelt so in
+      ``titles`` or ``evidence``, may be capitalised) and each a word of the prompt, of ``titles``, of
+      ``evidence`` or of :data:`towers.reason_words.COMMON_WORDS`.
+
+    A greedy text from random weights (word pieces, sub-word fragments, ``[unused]`` tokens, numbers, profanity)
+    fails the last check with near certainty: a random piece of a 30k-262k vocabulary is rarely a whole plain
+    word, let alone one of the ~1,000 this allows.
+    """
+    if not text.startswith(OPENING):
+        return f"does not start with {OPENING!r}"
+    if len(text) > MAX_REASON_CHARS:
+        return f"longer than {MAX_REASON_CHARS} characters"
+    if not text.endswith((".", "!", "?")):
+        return "not a finished sentence"
+    if any(q in text for q in _OTHER_QUOTES) or text.count('"') % 2:
+        return "quotes other than pairs of straight double quotes"
+    quoted = re.findall(r'"([^"]*)"', text)
+    allowed = set(titles)
+    for q in quoted:
+        if q not in allowed:
+            return f"quotes {q!r}, which is not exactly a title of the history"
+    if len(set(quoted)) < len(quoted):
+        return "quotes a title twice"
+    outside = re.sub(r'"[^"]*"', " ", text)
+    if not _OUTSIDE.fullmatch(outside):
+        bad = sorted({c for c in outside if not _OUTSIDE.fullmatch(c)})
+        return f"characters other than letters and punctuation outside the titles: {''.join(bad)!r}"
+    words = _words(outside)
+    if len(words) > MAX_REASON_WORDS:
+        return f"{len(words)} words besides the titles, more than {MAX_REASON_WORDS}"
+    spelt = {w for t in (*titles, *evidence) for w in _words(t)}
+    known = COMMON_WORDS | _PROMPT_WORDS | {w.lower() for w in spelt}
+    for i, w in enumerate(words):
+        if w != w.lower() and not (i == 0 and w == w.capitalize()) and w not in spelt and w != "I":
+            return f"{w!r} is not lowercase"
+        if w.lower() not in known:
+            return f"{w!r} is not a word of its evidence or of plain English"
+    return None
 
 
 def finish(generated: str, capped: bool) -> str:

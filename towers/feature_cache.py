@@ -17,11 +17,11 @@ import uuid
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from data.items import ItemDataset, item_loader, to_device
 from towers.factory import hash_weights
 from towers.hub import cache_dir
+from towers.progress import tqdm
 
 logger = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ list: ``z(retrieval) + weight * z(llm)``. A fine-tuned adapter (``train/rerank.p
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import json
 import logging
@@ -332,31 +333,47 @@ def adapter_paths(run_dir: str | Path, mode: str) -> tuple[Path, Path]:
 
 
 def write_adapter(run_dir: str | Path, mode: str, state: dict[str, torch.Tensor], record: dict) -> Path:
-    """Write a fine-tuned reranker's weights (safetensors) and its record (JSON) for ``mode``, each atomically."""
+    """Write a fine-tuned reranker's weights (safetensors) and its record (JSON) for ``mode``, into the run only.
+
+    Each file is replaced atomically, the weights first; the record holds the weights' sha256, so a record left
+    from an earlier adapter (the process died between the two) is refused by :func:`read_adapter`, never served
+    with weights it does not describe. A ``rerank`` that is a symbolic link or a file is refused (writing there
+    would write outside the run, or replace what is not the run's).
+    """
     from safetensors.torch import save
 
     from data.atomic import write_file, write_text
 
     weights, settings = adapter_paths(run_dir, mode)
+    folder = weights.parent
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise CheckpointError(f"{folder}: is not a folder of the run (a file or a symbolic link); move it away")
     blob = save(state, metadata={"mode": mode})
     write_file(weights, lambda tmp: tmp.write_bytes(blob))
-    write_text(settings, json.dumps(record, indent=2))
+    write_text(settings, json.dumps({**record, "weights_sha256": hashlib.sha256(blob).hexdigest()}, indent=2))
     return weights
 
 
 def read_adapter(run_dir: str | Path, mode: str) -> tuple[Path, dict, dict[str, torch.Tensor]] | None:
     """``(weights path, record, state)`` of the run's fine-tuned reranker for ``mode``; None when there is none,
-    a :class:`CheckpointError` when it cannot be read."""
+    a :class:`CheckpointError` when it cannot be read or its record describes other weights."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     weights, settings = adapter_paths(run_dir, mode)
     if not weights.is_file():
         return None
     try:
-        return weights, json.loads(settings.read_text()), load_file(str(weights))
+        blob = weights.read_bytes()
+        record = json.loads(settings.read_text())
+        state = load(blob)
     except (OSError, ValueError, SafetensorError) as err:
         raise CheckpointError(f"{weights}: unreadable reranker adapter ({err}); rerun train-rerank") from None
+    want = record.get("weights_sha256") if isinstance(record, dict) else None
+    if want is not None and want != hashlib.sha256(blob).hexdigest():
+        raise CheckpointError(f"{settings}: describes other weights than {weights.name} (an interrupted "
+                              "train-rerank or train-reasons); run it again")
+    return weights, record, state
 
 
 def history_builder(data: DataConfig, rerank: RerankConfig, titles: Sequence[str],

@@ -30,7 +30,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from data.items import pad_batch
 from data.protocol import Split, held_out
@@ -45,6 +44,7 @@ from towers.explain import (
     shared_genres,
     template_reason,
 )
+from towers.progress import tqdm
 from towers.rerank import LLMReranker
 
 logger = logging.getLogger(__name__)

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from data.items import ItemDataset, item_loader, to_device
 from towers.feature_cache import text_features
+from towers.progress import tqdm
 
 
 @torch.inference_mode()

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from configs import Config
 from data.catalog import Catalog, load_catalog
@@ -31,6 +30,7 @@ from errors import CatalogError, CheckpointError, ConfigError
 from towers.device import resolve_device
 from towers.factory import TwoTower, build_towers, is_saved, load_towers, make_item_dataset, save_towers
 from towers.hub import load_tokenizer
+from towers.progress import tqdm
 from towers.sequence import title_table
 from train.curves import plot_curves
 from train.distributed import init_distributed
@@ -303,11 +303,14 @@ def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress
         config: the full setup (see ``configs/``).
         catalog_dir: a folder written by ``towerrec prepare``.
         run_dir: output folder (see :class:`data.rundir.RunDir`). It is written in a staging folder and
-            published whole when training ends, so an interrupted run leaves nothing half-written.
-        progress: show progress bars.
+            published whole when training ends, so an interrupted run leaves nothing half-written; the staging
+            folders of killed trainings on this path are removed first. A file, a symbolic link or a folder of
+            other files at ``run_dir`` is never replaced.
+        progress: show progress bars (on a terminal: see :mod:`towers.progress`).
         overwrite: replace an existing run at ``run_dir`` (otherwise that is an error).
         resume: continue an interrupted training from its saved state (``train.resumable`` saves one after
-            every epoch, beside the run directory; item-sequence input only).
+            every epoch, beside the run directory; item-sequence input only). Without it, a saved state there
+            is an error: it is never continued, nor discarded, unasked.
         resume_from: a trained run to start from (periodic re-fine-tuning on a newer catalog): its weights,
             with the id tables remapped by item id (see :func:`init_from_run`). ``config`` must build the same
             towers (``cli.py train --resume-from`` uses that run's config, plus any ``--set``).
@@ -319,10 +322,17 @@ def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress
     device, rank, world = init_distributed(resolve_device(config.train.device))
     if world > 1 and config.user.input != "items":
         raise ConfigError("multi-process training (torchrun) needs user.input=items")
-    staged = run.staging(overwrite) if rank == 0 else None  # refuses an existing run before any work is done
+    if resume and config.user.input != "items":
+        raise ConfigError("--resume: only item-sequence training (user.input=items) saves a state to resume from; "
+                          f"this config has user.input={config.user.input}")
     resume_path = run.resume_path if (config.train.resumable or resume) else None
     if resume and not (resume_path and resume_path.is_file()):
         raise CheckpointError(f"{run.resume_path}: no resumable training state to continue from")
+    if not resume and resume_path is not None and resume_path.is_file():  # never continued (nor lost) unasked
+        raise CheckpointError(f"{resume_path}: an interrupted training's saved state is there; pass --resume to "
+                              "continue it, or delete the file to start afresh")
+    # Refuses a path it may not replace before any work is done; refusals above leave no staging folder behind.
+    staged = run.staging(overwrite) if rank == 0 else None
     try:
         seed_everything(config.train.seed)
         data = load_training_data(config, catalog_dir)
@@ -350,7 +360,7 @@ def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress
         result = TrainResult(run.path, best_epoch, valid, test, history, time.time() - t0)
         if staged is not None:
             write_run(staged, model, data, result)  # step 7
-            run.publish(staged)
+            run.publish(staged, overwrite)
             if resume_path is not None:
                 resume_path.unlink(missing_ok=True)  # the run is complete: nothing left to resume
     except BaseException:

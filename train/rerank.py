@@ -41,7 +41,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from configs import Config, RerankConfig, config_from_dict
 from data.protocol import Split, list_rank, ranking_metrics, split_catalog
@@ -49,6 +48,7 @@ from data.rundir import RunDir
 from errors import ConfigError, QueryError
 from index.recommender import Recommender
 from towers.cross_rerank import SequenceReranker
+from towers.progress import tqdm
 from towers.rerank import LLMReranker, fuse
 
 logger = logging.getLogger(__name__)

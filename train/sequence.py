@@ -23,11 +23,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
 
 from configs import Config
 from data.protocol import Split, held_out, ranking_metrics, target_ranks
 from towers.factory import TwoTower, trainable_state
+from towers.progress import tqdm
 from train.losses import inclusion_logq, info_nce
 from train.selection import BestEpoch
 

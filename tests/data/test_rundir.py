@@ -6,7 +6,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +20,7 @@ import pytest
 from configs import load_config
 from data.catalog import catalog_sha256, load_catalog, write_catalog
 from data.protocol import Split
-from data.rundir import RunDir
+from data.rundir import RunDir, owner_alive, owner_record
 from errors import CatalogError, CheckpointError
 
 
@@ -162,19 +166,32 @@ def test_staging_refuses_to_replace_unless_asked(tmp_path: Path) -> None:
     (other.path / "notes.txt").write_text("x")
     with pytest.raises(CheckpointError, match="already holds files"):
         other.staging()
+    with pytest.raises(CheckpointError, match="already holds files and is no towerrec run.*even with --overwrite"):
+        other.staging(overwrite=True)  # a folder of other files is never replaced
     (tmp_path / "a-file").write_text("x")
+    os.symlink(target.path, tmp_path / "a-link")
     for overwrite in (False, True):
         with pytest.raises(CheckpointError, match="exists and is not a folder"):
             RunDir(tmp_path / "a-file").staging(overwrite=overwrite)
-    assert _names(tmp_path) == ["a-file", "other", "run"]  # no staging folder made for a refusal
+        with pytest.raises(CheckpointError, match="is a symbolic link"):
+            RunDir(tmp_path / "a-link").staging(overwrite=overwrite)
+    assert _names(tmp_path) == ["a-file", "a-link", "other", "run"]  # no staging folder made for a refusal
+    assert (tmp_path / "a-file").read_text() == "x" and _names(other.path) == ["notes.txt"]
     # An empty folder is no run: it may be replaced without --overwrite.
     (tmp_path / "empty").mkdir()
     RunDir(tmp_path / "empty").staging().discard()
 
 
+def _fake_run(run: RunDir) -> RunDir:
+    """A folder that holds what makes a run (its config and weights files), for the staging tests."""
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.write_config(load_config("tiny"))
+    run.weights_path.write_bytes(b"weights")
+    return run
+
+
 def test_staging_and_publish_replace_the_run_whole(tmp_path: Path) -> None:
-    target = RunDir(tmp_path / "run")
-    target.path.mkdir()
+    target = _fake_run(RunDir(tmp_path / "run"))
     target.write_metrics({"old": True})
     (target.path / "index").mkdir()
     (target.path / "index" / "LIVE").write_text("v1\n")
@@ -186,13 +203,15 @@ def test_staging_and_publish_replace_the_run_whole(tmp_path: Path) -> None:
         os.umask(old)
     assert staged.path.parent == tmp_path and staged.path.name.startswith(".run-")
     assert stat.S_IMODE(staged.path.stat().st_mode) == 0o755  # not mkdtemp's 0700
-    assert _names(staged.path) == []
+    assert _names(staged.path) == [RunDir.OWNER]  # who writes it, until it is published
     staged.write_metrics({"old": False})
     staged.write_id_table([1, 2])
     # Until it is published, the existing run is untouched.
     assert target.read_metrics() == {"old": True} and (target.path / "index" / "LIVE").is_file()
 
-    target.publish(staged)
+    with pytest.raises(CheckpointError, match="already holds a towerrec run"):
+        target.publish(staged)  # publishing checks the path again
+    target.publish(staged, overwrite=True)
     assert target.read_metrics() == {"old": False}
     assert _names(target.path) == ["id_table.parquet", "metrics.json"]  # nothing of the old run survives
     assert not staged.path.exists()
@@ -209,8 +228,7 @@ def test_publish_into_a_new_place(tmp_path: Path) -> None:
 
 
 def test_discard_removes_the_staging_folder(tmp_path: Path) -> None:
-    target = RunDir(tmp_path / "run")
-    target.path.mkdir()
+    target = _fake_run(RunDir(tmp_path / "run"))
     target.write_metrics({"kept": True})
     staged = target.staging(overwrite=True)
     staged.write_metrics({"kept": False})
@@ -219,3 +237,71 @@ def test_discard_removes_the_staging_folder(tmp_path: Path) -> None:
     assert not staged.path.exists()
     assert _names(tmp_path) == ["run"] and target.read_metrics() == {"kept": True}
     staged.discard()  # discarding twice is harmless
+
+
+# --- staging folders left by killed trainings -------------------------------------------------------------
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _staging_folder(parent: Path, name: str, record: dict | None, files: tuple[str, ...] = ("metrics.json",),
+                    age_s: float = 0.0) -> Path:
+    folder = parent / name
+    folder.mkdir()
+    if record is not None:
+        (folder / RunDir.OWNER).write_text(json.dumps(record))
+    for f in files:
+        (folder / f).write_text("{}")
+    if age_s:
+        then = time.time() - age_s
+        os.utime(folder, (then, then))
+    return folder
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="process start times come from /proc")
+def test_next_training_removes_staging_folders_whose_owner_is_gone(tmp_path: Path) -> None:
+    me = owner_record()
+    assert me["pid"] == os.getpid() and me["start"] and owner_alive(me) is True
+    old = RunDir.UNOWNED_STALE_S + 60
+    gone = {
+        "dead": _staging_folder(tmp_path, ".run-training-dead", dict(me, pid=_dead_pid())),
+        # our pid, but a process started at another time: the pid was reused, the owner is gone
+        "reused": _staging_folder(tmp_path, ".run-training-reused", dict(me, start="1")),
+        "rebooted": _staging_folder(tmp_path, ".run-training-rebooted", dict(me, boot="another-boot")),
+        "unowned": _staging_folder(tmp_path, ".run-training-unowned", None, ("config.json", ".x.tmp"), old),
+    }
+    kept = {
+        "live": _staging_folder(tmp_path, ".run-training-live", me),
+        "elsewhere": _staging_folder(tmp_path, ".run-training-elsewhere", dict(me, host=me["host"] + "-x")),
+        "young": _staging_folder(tmp_path, ".run-training-young", None),  # may be an owner about to record itself
+        "foreign": _staging_folder(tmp_path, ".run-training-foreign", None, ("notes.txt",), old),
+        "garbled": _staging_folder(tmp_path, ".run-training-garbled", {"pid": "x"}, ("notes.txt",), old),
+        "other run": _staging_folder(tmp_path, ".other-training-dead", dict(me, pid=_dead_pid())),
+    }
+    os.symlink(gone["dead"], tmp_path / ".run-training-link")
+    staged = RunDir(tmp_path / "run").staging()
+    assert not any(f.exists() for f in gone.values())
+    assert all(f.is_dir() and (f / RunDir.OWNER).exists() == (n not in ("young", "foreign")) for n, f in
+               kept.items())
+    assert (tmp_path / ".run-training-link").is_symlink()  # a link is never followed nor removed
+    assert json.loads((staged.path / RunDir.OWNER).read_text()) == me  # the new folder is this process's
+    assert RunDir(tmp_path / "run").sweep_staging() == []  # what is left is alive, elsewhere or not ours
+
+
+def test_staging_folder_of_a_killed_process_is_removed_by_the_next_training(tmp_path: Path) -> None:
+    """A process that makes a staging folder and is SIGKILLed leaves it; the next staging on the path removes it."""
+    code = ("import os, signal, sys; from data.rundir import RunDir; "
+            "RunDir(sys.argv[1]).staging(); os.kill(os.getpid(), signal.SIGKILL)")
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run")], cwd=repo,
+                            env=dict(os.environ, PYTHONPATH=str(repo)))
+    assert proc.wait(timeout=120) == -signal.SIGKILL
+    (left,) = tmp_path.glob(".run-training-*")
+    assert json.loads((left / RunDir.OWNER).read_text())["pid"] == proc.pid
+    staged = RunDir(tmp_path / "run").staging()
+    assert _names(tmp_path) == [staged.path.name]

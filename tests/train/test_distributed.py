@@ -57,7 +57,7 @@ def test_torchrun_cli_train_writes_one_run(catalog: Path, tmp_path: Path) -> Non
     sets = [f"--set={o}" for o in ["user.input=items", "data.min_count=3", "train.epochs=2",
                                    "item.text.enabled=false", "item.image.enabled=false", "item.audio.enabled=false"]]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(repo / "cli.py"),
-           "train", "--config", "tiny", *sets, "--catalog", str(catalog), "--run-dir", str(tmp_path / "run"), "--quiet"]
+           "train", "--config", "tiny", *sets, "--catalog", str(catalog), "--run-dir", str(tmp_path / "run"), "--json"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count('"best_epoch"') == 1  # one report, from process 0

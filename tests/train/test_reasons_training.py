@@ -175,12 +175,16 @@ def test_reason_tasks_and_a_fine_tune_that_learns_them(rec: Recommender, tiny_ru
 
 
 def test_train_reasons_saves_an_adapter_the_recommender_serves(run: Path, capsys) -> None:
-    code = cli.main(["train-reasons", "--run", str(run), "--quiet", "--device", "cpu",
+    code = cli.main(["train-reasons", "--run", str(run), "--json", "--device", "cpu",
                      *[a for s in FAST for a in ("--set", s)]])
     assert code == 0
-    out = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    assert printed.count("\n") == 1  # --json: one line
+    out = json.loads(printed)
     assert out["steps"] == 1 and out["train_reasons"] == 8 and out["valid_users"] == 4
     record = json.loads((run / "rerank" / "reasons.json").read_text())
+    assert out == {k: record[k] for k in ("best_step", "steps", "valid_exact", "valid_users", "train_reasons",
+                                          "seconds")} | {"run": str(run)}
     assert [h["step"] for h in record["history"]] == [0, 1] and record["best_step"] in (0, 1)
     assert (run / "rerank" / "reasons.safetensors").is_file()
     rec = Recommender.load(run, device="cpu")
@@ -192,6 +196,15 @@ def test_train_reasons_saves_an_adapter_the_recommender_serves(run: Path, capsys
     assert rec.use_reasons_adapter(False) is False
     with pytest.raises(ConfigError, match="train-reasons changes rerank.. settings only"):
         train_reasons(run, ["train.lr=1"], progress=False)
+    # Without --json: one summary line, read from what was saved.
+    assert cli.main(["train-reasons", "--run", str(run), "--quiet", "--device", "cpu",
+                     *[a for s in FAST for a in ("--set", s)]]) == 0
+    record = json.loads((run / "rerank" / "reasons.json").read_text())  # the record of the adapter now saved
+    assert capsys.readouterr().out == (
+        f"reasons adapter saved into {run}: best step {record['best_step']} of {record['steps']}, "
+        f"{100 * record['valid_exact']:.1f}% of {record['valid_users']} validation reasons as the evidence composes "
+        f"them (zero-shot {100 * record['history'][0]['exact']:.1f}%), {record['train_reasons']} training reasons "
+        f"({record['seconds']:.1f} s)\n")
     # An adapter for another LM is refused with a clear error.
     record["model"] = "pip:another-model"
     (run / "rerank" / "reasons.json").write_text(json.dumps(record))

@@ -166,12 +166,24 @@ def test_skipping_missed_targets_trains_on_served_like_lists(run: Path, monkeypa
 
 
 def test_cli_train_rerank_pointwise(run: Path, capsys) -> None:
+    code = cli.main(["train-rerank", "--run", str(run), "--mode", "pointwise", "--json", "--device", "cpu",
+                     *[a for s in FAST for a in ("--set", s)], "--set", "rerank.negatives=2"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert printed.count("\n") == 1  # --json: one line
+    out = json.loads(printed)
+    assert out["mode"] == "pointwise" and out["steps"] == 3
+    assert (run / "rerank" / "pointwise.safetensors").is_file()
+    # Without --json: one summary line, read from what was saved.
     code = cli.main(["train-rerank", "--run", str(run), "--mode", "pointwise", "--quiet", "--device", "cpu",
                      *[a for s in FAST for a in ("--set", s)], "--set", "rerank.negatives=2"])
     assert code == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["mode"] == "pointwise" and out["steps"] == 3
-    assert (run / "rerank" / "pointwise.safetensors").is_file()
+    record = json.loads((run / "rerank" / "pointwise.json").read_text())
+    valid = record["valid"]
+    assert capsys.readouterr().out == (
+        f"reranker (pointwise) saved into {run}: best step {record['best_step']} of {record['steps']}, fusion "
+        f"weight {record['weight']:g}, valid NDCG@10 {valid['retrieval']['ndcg@10']:.4f} retrieval -> "
+        f"{valid['fused']['ndcg@10']:.4f} reranked on {valid['users']} users ({record['seconds']:.1f} s)\n")
     assert cli.main(["train-rerank", "--run", str(run), "--set", "train.lr=1", "--quiet"]) == 2
     assert "train-rerank changes rerank.* settings only" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="rerank.mode: must be one of"):
