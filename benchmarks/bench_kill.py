@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from configs import load_config  # noqa: E402
+from data.atomic import scratch_dir  # noqa: E402
 from data.catalog import catalog_sha256, load_catalog, write_catalog  # noqa: E402
 from data.rundir import RunDir  # noqa: E402
 from index.build import build_index  # noqa: E402
@@ -285,9 +286,7 @@ def _train_check(run: Path, catalog: Path, delay: float, tally: Tally, label: st
 # -- the benchmark -------------------------------------------------------------------------------------------
 def prepare(work: Path, ml100k: Path) -> dict:
     """Catalogs A and B and a served run (trained, indexed) per command, under ``work``."""
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    scratch_dir(work, "bench_kill")
     a = small_catalog(ml100k, work / "catalog-a")
     b = changed_catalog(a, work / "catalog-b")
     base = work / "base"
@@ -374,7 +373,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kills", type=int, default=20, help="kills per command")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--work", type=Path, default=Path("/tmp/bench-kill"), help="scratch folder (replaced)")
+    p.add_argument("--work", type=Path, default=Path("/tmp/bench-kill"), 
+                   help="scratch folder: new, empty, or made by an earlier run (then made anew)")
     p.add_argument("--ml100k", type=Path, default=Path(os.environ.get(
         "TOWERREC_ML100K", REPO.parent / "shared" / "datasets" / "movielens-100k-mm")))
     p.add_argument("--commands", default=",".join(COMMANDS), help="comma-separated subset of " + ",".join(COMMANDS))

@@ -34,6 +34,7 @@ import polars as pl
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from data.atomic import scratch_dir  # noqa: E402
 from data.catalog import load_catalog, write_catalog  # noqa: E402
 from data.rundir import RunDir  # noqa: E402
 from index.build import build_index  # noqa: E402
@@ -111,13 +112,11 @@ def timed_call(fn, *args, **kwargs):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="a trained run (copied, never changed)")
-    p.add_argument("--work", default="/tmp/bench-reindex", help="scratch folder (replaced)")
+    p.add_argument("--work", default="/tmp/bench-reindex", help="scratch folder: new, empty, or made by an earlier run (then made anew)")
     p.add_argument("--fraction", type=float, default=0.01, help="share of the catalog's items changed")
     p.add_argument("--chunk-size", type=int, default=64, help="chunk size of the killed / restarted reindex")
     args = p.parse_args()
-    work = Path(args.work)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = scratch_dir(args.work, "bench_reindex")
     source = RunDir(args.run).require()
     base = work / "base"
     shutil.copytree(source.path, base)

@@ -97,3 +97,23 @@ def write_text(path: str | Path, text: str) -> None:
 def write_parquet(df, path: str | Path) -> None:
     """Write a polars DataFrame to Parquet atomically."""
     write_file(path, df.write_parquet)
+
+
+def scratch_dir(path: str | Path, owner: str) -> Path:
+    """An empty scratch folder at ``path`` for the tool ``owner`` (a benchmark), made anew on each call.
+
+    A folder that is not empty is deleted only when a marker file says ``owner`` made it; any other is refused
+    with ``SystemExit`` naming the path, so a mistyped ``--work`` never deletes somebody's files.
+    """
+    path = Path(path)
+    marker = path / f".{owner}-scratch"
+    if path.exists() and not path.is_dir():
+        raise SystemExit(f"{owner}: {path} is a file, not a folder; choose a new or empty folder")
+    if path.is_dir() and any(path.iterdir()):
+        if not marker.is_file():
+            raise SystemExit(f"{owner}: {path} is not empty and was not made by {owner}; choose a new or empty "
+                             "folder")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"scratch folder of {owner}: deleted and made anew by each run\n")
+    return path

@@ -52,3 +52,21 @@ def test_two_step_fallback_where_the_swap_is_unsupported(tmp_path: Path, monkeyp
     atomic.publish_dir(_folder(tmp_path / ".out.tmp", "new"), target)
     assert (target / "f.txt").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_scratch_folder_is_made_anew_only_when_its_owner_made_it(tmp_path: Path) -> None:
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="not made by bench"):
+        atomic.scratch_dir(notes, "bench")
+    assert (notes / "todo.txt").read_text() == "mine"
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(SystemExit, match="is a file"):
+        atomic.scratch_dir(tmp_path / "file", "bench")
+
+    work = atomic.scratch_dir(tmp_path / "work", "bench")
+    (work / "old.txt").write_text("left by the last run")
+    assert atomic.scratch_dir(work, "bench") == work and not (work / "old.txt").exists()
+    with pytest.raises(SystemExit, match="not made by other"):
+        atomic.scratch_dir(work, "other")

@@ -73,3 +73,12 @@ def test_killed_commands_keep_the_old_version_serving_and_rerun(ml100k_dir: Path
     for command, tally in tallies.items():
         assert tally.failures == [], (command, tally.failures)
         assert (tally.kills, tally.reruns_completed, tally.corrupt_versions) == (1, 1, 0), command
+
+
+def test_the_scratch_folder_of_someone_else_is_never_deleted(ml100k_dir: Path, tmp_path: Path) -> None:
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="not made by bench_kill"):
+        _bench().prepare(notes, ml100k_dir)
+    assert (notes / "todo.txt").read_text() == "mine"
