@@ -367,6 +367,10 @@ def _index_work_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--quiet", action="store_true")
 
 
+# Subcommands that read an existing run (``--run``); ``train`` writes one, and ``serve`` checks its address
+# first (then names a missing run before loading anything).
+NEEDS_RUN = ("build-index", "reindex", "query", "train-rerank", "train-reasons", "evaluate")
+
 # towerrec's own loggers (``logging.getLogger(__name__)`` in these packages).
 OWN_LOGGERS = ("cli", "configs", "data", "index", "serve", "towers", "train", "__main__")
 
@@ -387,6 +391,10 @@ def main(argv: list[str] | None = None) -> int:
         handler.addFilter(_own_or_error)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
     try:
+        if args.command in NEEDS_RUN:  # a missing run is named before torch and the models are imported
+            from data.rundir import RunDir
+
+            RunDir(args.run).require()
         args.func(args)
     except TowerrecError as err:
         message = " ".join(str(err).split("\n"))

@@ -36,6 +36,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import polars as pl
 
@@ -43,8 +44,10 @@ from configs import Config, config_from_dict
 from data.atomic import publish_dir, temp_dir, write_parquet, write_text
 from data.catalog import Catalog, catalog_sha256, load_catalog
 from data.ids import ItemSpace
-from data.protocol import Split
 from errors import CatalogError, CheckpointError, ConfigError
+
+if TYPE_CHECKING:  # data.protocol imports torch; a run's paths and files are read without it
+    from data.protocol import Split
 
 logger = logging.getLogger(__name__)
 

@@ -8,6 +8,8 @@ import os
 import re
 import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import polars as pl
@@ -431,3 +433,16 @@ def test_created_folders_get_normal_permissions(tiny_catalog: Path, tmp_path: Pa
     assert {str(f): oct(stat.S_IMODE(f.stat().st_mode)) for f in folders} == {str(f): "0o755" for f in folders}
     files = [p for top in (catalog, run) for p in top.rglob("*") if p.is_file()]
     assert files and {str(f): oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {str(f): "0o644" for f in files}
+
+
+@pytest.mark.parametrize("command", ["build-index", "reindex", "query", "train-rerank", "train-reasons", "evaluate"])
+def test_a_missing_run_is_named_before_torch_is_imported(command: str, tmp_path: Path) -> None:
+    """The run is checked first: saying that it is missing never waits for torch and the models to import."""
+    args = [command, "--run", str(tmp_path / "missing")] + (["--user", "1"] if command == "query" else [])
+    code = ("import sys, cli; rc = cli.main(sys.argv[1:]); "
+            "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          cwd=Path(cli.__file__).parent)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"towerrec {command}: error: {tmp_path / 'missing'}: run directory not found (run `towerrec train` first)"]
