@@ -7,20 +7,8 @@ import json
 import logging
 from pathlib import Path
 
-import pytest
-
 import cli
 from index.recommender import Recommender
-
-
-@pytest.fixture(scope="module")
-def rec(tiny_run: Path) -> Recommender:
-    return Recommender.load(tiny_run, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def user(rec: Recommender):
-    return sorted(rec.histories, key=lambda u: (len(rec.histories[u]), u))[len(rec.histories) // 2]
 
 
 def _unseen(rec: Recommender, user, n: int) -> list:

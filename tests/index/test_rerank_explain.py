@@ -16,16 +16,6 @@ from index.recommender import EXPLAIN_CANDIDATES, Recommender
 from towers.explain import Ask, Explainer, TitleMatcher, ground, normalise_title, template_reason
 
 
-@pytest.fixture(scope="module")
-def rec(tiny_run: Path) -> Recommender:
-    return Recommender.load(tiny_run, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def user(rec: Recommender):
-    return sorted(rec.histories, key=lambda u: (len(rec.histories[u]), u))[len(rec.histories) // 2]
-
-
 @pytest.mark.parametrize("mode", ["pointwise", "listwise"])
 def test_rerank_only_reorders_what_it_was_given(rec: Recommender, user, mode: str) -> None:
     rec.configure_rerank(mode=mode, permutations=2)
