@@ -28,7 +28,7 @@ ARTIFACTS = Path(os.environ.get("TOWERREC_TEST_ARTIFACTS", REPO / "tests" / "art
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"{CHROMIUM} not found: apt-get install -y chromium "
-                                                      "(make test installs it)"),
+                                                      "(.ci/run installs it)"),
 ]
 
 
