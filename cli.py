@@ -63,11 +63,13 @@ def cmd_train(args) -> None:
         return
     if args.json:
         print(json.dumps({"run": str(result.run_dir), "best_epoch": result.best_epoch, "valid": result.valid,
-                          "test_retrieval": result.test, "seconds": round(result.seconds, 1)}))
+                          "test_retrieval": result.test, "seconds": round(result.seconds, 1),
+                          "refit_epochs": result.refit["epochs"] if result.refit else 0}))
         return
     v, t = result.valid, result.test
+    refit = f", refit {result.refit['epochs']} epochs with the validation items" if result.refit else ""
     print(f"trained {result.run_dir}: best epoch {result.best_epoch} of {len(result.history)}, valid NDCG@10 "
-          f"{v['ndcg@10']:.4f} Recall@10 {v['recall@10']:.4f}, test NDCG@10 {t['ndcg@10']:.4f} Recall@10 "
+          f"{v['ndcg@10']:.4f} Recall@10 {v['recall@10']:.4f}{refit}, test NDCG@10 {t['ndcg@10']:.4f} Recall@10 "
           f"{t['recall@10']:.4f} ({result.seconds:.1f} s)")
 
 
@@ -260,8 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "are kept by item id, new items start fresh); then `reindex` the new run")
     s.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the config's train.device)")
     s.add_argument("--quiet", action="store_true", help="no progress bars (they show only on a terminal anyway)")
-    s.add_argument("--json", action="store_true", help="print the result as one line of JSON (no progress bars): "
-                                                       "{run, best_epoch, valid, test_retrieval, seconds}")
+    s.add_argument("--json", action="store_true",
+                   help="print the result as one line of JSON (no progress bars): "
+                        "{run, best_epoch, valid, test_retrieval, seconds, refit_epochs}")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("build-index", parents=[common],

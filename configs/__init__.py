@@ -96,6 +96,10 @@ def _buckets(value: Any) -> str | None:
     return f"must be 'auto' or a whole number >= 0, got {value!r}"
 
 
+def _bool_or_auto(value: Any) -> str | None:
+    return None if value == "auto" or isinstance(value, bool) else f"must be true, false or 'auto', got {value!r}"
+
+
 def _not_empty(value: Any) -> str | None:
     return "must not be empty" if isinstance(value, str) and not value.strip() else None
 
@@ -296,6 +300,10 @@ class TrainConfig(_Checked):
     length_buckets: int | Literal["auto"] = _checked("auto", _buckets)
     llm_lr: float = _bounded(0.0, ge=0)  # learning rate of the LLM's own weights (0 = lr)
     resumable: bool = False  # items input: save the training state after every epoch, for `train --resume`
+    # items input: once validation has chosen the epoch, train again from the same start for that many epochs
+    # on windows that also hold each user's validation item; the run keeps (and the test scores) that model.
+    # "auto": refit where the newest items are thin in training (see train.sequence.refit_wanted)
+    refit: bool | Literal["auto"] = _checked(False, _bool_or_auto)
     device: str = _checked("auto", _device)  # "auto", "cpu", "cuda", "cuda:N" or "mps"; "cuda" without CUDA is an error
 
 
@@ -328,6 +336,9 @@ class Config(_Checked):
         if self.train.resumable and self.user.input != "items":
             raise FieldError("train.resumable", "only item-sequence training (user.input=items) saves a state to "
                                                 f"resume from; this config has user.input={self.user.input!r}")
+        if self.train.refit is True and self.user.input != "items":
+            raise FieldError("train.refit", "only item-sequence training (user.input=items) refits; this config "
+                                            f"has user.input={self.user.input!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict, JSON-serialisable."""

@@ -153,6 +153,31 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, exclude: Sequence[
     return ahead
 
 
+def popularity_metrics(split: Split, which: Literal["valid", "test"]) -> dict[str, float]:
+    """Pop: every user gets the most popular items they have not seen, under the same full-ranking protocol.
+
+    An item's popularity is its number of interactions before the ranked target, over all users (what the
+    models read then: for the test target the validation items count too). Ties go to the lower item index.
+    """
+    counts = torch.zeros(split.num_items, dtype=torch.float64)
+    for seq in split.sequences:
+        history = seq[:-1] if which == "test" else seq[:-2]
+        counts.index_add_(0, torch.as_tensor(np.asarray(history, dtype=np.int64)), torch.ones(len(history),
+                                                                                              dtype=torch.float64))
+    # Scores strictly decrease along (count desc, index asc), so no two items tie.
+    order = sorted(range(split.num_items), key=lambda i: (-counts[i].item(), i))
+    scores = torch.empty(split.num_items, dtype=torch.float32)
+    scores[torch.tensor(order)] = -torch.arange(split.num_items, dtype=torch.float32)
+    ranks = []
+    for start in range(0, split.num_users, 1024):
+        held = [held_out(split, u, which) for u in range(start, min(split.num_users, start + 1024))]
+        ranks.append(target_ranks(scores[None].expand(len(held), -1), torch.tensor([t for t, _, _ in held]),
+                                  [ex for _, _, ex in held]))
+    out = ranking_metrics(torch.cat(ranks))
+    out["users"] = split.num_users
+    return out
+
+
 def list_rank(ranked: Sequence, target, depth: int) -> int:
     """0-based position of ``target`` in a ranked list, or ``depth`` (a miss at every cut-off) if absent."""
     ranked = list(ranked[:depth])

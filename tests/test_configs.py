@@ -192,3 +192,10 @@ def test_an_override_may_repair_a_file(tmp_path: Path) -> None:
     path = tmp_path / "fixable.yaml"
     path.write_text("train:\n  lr: 0\n")
     assert load_config(path, ["train.lr=0.01"]).train.lr == 0.01
+
+
+@pytest.mark.parametrize("field", ["resumable", "refit"])
+def test_item_sequence_only_fields_refused_for_text_profiles(field: str) -> None:
+    """Flags only the item-sequence loop acts on are refused where they would be accepted and ignored."""
+    with pytest.raises(ConfigError, match=rf"train\.{field}.*user\.input='text'"):
+        load_config("tiny", ["user.input=text", f"train.{field}=true"])

@@ -37,7 +37,7 @@ from train.distributed import init_distributed
 from train.features import frozen_features
 from train.losses import info_nce
 from train.selection import BestEpoch
-from train.sequence import evaluate_sequences, fit_sequence, prefix_profiles
+from train.sequence import evaluate_sequences, fit_sequence, prefix_profiles, refit_wanted
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +155,7 @@ class TrainResult:
     test: dict[str, float]
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    refit: dict | None = None  # train.refit: {epochs, seconds, history} of the refit that the test scored
 
 
 class ItemBank:
@@ -316,6 +317,10 @@ def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress
             towers (``cli.py train --resume-from`` uses that run's config, plus any ``--set``).
 
     Under ``torchrun`` every process trains on its share of each batch and process 0 writes the run.
+
+    With ``train.refit`` (resolved by :func:`train.sequence.refit_wanted`), the run keeps a second model: the
+    same recipe for the epochs validation chose, with every user's validation item added to the training
+    items. The result's ``valid`` is the selection model's, its ``test`` the refit model's.
     """
     t0 = time.time()
     run = RunDir(run_dir)
@@ -340,16 +345,31 @@ def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress
         if resume_from is not None:
             init_from_run(model, resume_from, data.split_items)
         bank = build_item_bank(config, model, data, device, progress and rank == 0)
+        refit = None
         if config.user.input == "items":  # the LLM reads item embeddings: see train/sequence.py
             split_items = data.catalog.items[data.split_rows]
             titles = title_table(model, split_items["title"].to_list())
             prefixes = prefix_profiles(model, config, split_items)  # None unless user.profile_prefix
             best_epoch, history = fit_sequence(config, model, bank, data.split, device, progress, resume_path,
                                                titles, prefixes)
-            with torch.no_grad():  # step 6: the best epoch on all validation users, then test, scored once
-                item_emb = bank.encode(model)
-                valid = evaluate_sequences(model, data.split, item_emb, "valid", titles=titles, prefixes=prefixes)
-                test = evaluate_sequences(model, data.split, item_emb, "test", titles=titles, prefixes=prefixes)
+            with torch.no_grad():  # step 6: the best epoch on all validation users
+                valid = evaluate_sequences(model, data.split, bank.encode(model), "valid", titles=titles,
+                                           prefixes=prefixes)
+            if refit_wanted(config.train.refit, data.split):  # the same recipe, start and epochs, plus validation items
+                t_refit = time.time()
+                seed_everything(config.train.seed)
+                model = build_towers(config, num_ids=data.split.num_items).to(device)
+                if resume_from is not None:
+                    init_from_run(model, resume_from, data.split_items)
+                titles = title_table(model, split_items["title"].to_list())
+                prefixes = prefix_profiles(model, config, split_items)
+                _, refit_history = fit_sequence(config, model, bank, data.split, device, progress, None, titles,
+                                                prefixes, refit_epochs=best_epoch + 1)
+                refit = {"epochs": best_epoch + 1, "seconds": round(time.time() - t_refit, 1),
+                         "history": refit_history}
+            with torch.no_grad():  # then test, scored once
+                test = evaluate_sequences(model, data.split, bank.encode(model), "test", titles=titles,
+                                          prefixes=prefixes)
         else:
             states = build_user_states(config, model, data, device, progress)
             best_epoch, history = fit(config, model, states, bank, data.split, device, progress)
@@ -357,7 +377,7 @@ def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress
                 item_emb = bank.encode(model)
                 valid = evaluate_positions(model, states, data.split, item_emb, "valid")
                 test = evaluate_positions(model, states, data.split, item_emb, "test")
-        result = TrainResult(run.path, best_epoch, valid, test, history, time.time() - t0)
+        result = TrainResult(run.path, best_epoch, valid, test, history, time.time() - t0, refit)
         if staged is not None:
             write_run(staged, model, data, result)  # step 7
             run.publish(staged, overwrite)
@@ -421,7 +441,8 @@ def write_run(run: RunDir, model: TwoTower, data: TrainingData, result: TrainRes
     run.write_histories(data.split)
     run.write_id_table(data.split.item_ids)
     run.write_metrics({"best_epoch": result.best_epoch, "valid": result.valid, "test": result.test,
-                       "history": result.history, "seconds": result.seconds})
+                       "history": result.history, "seconds": result.seconds,
+                       **({"refit": result.refit} if result.refit else {})})
     plot_curves(result.history, result.best_epoch, run.curves_path,
                 f"{model.config.name}: user.input={model.config.user.input}, best epoch {result.best_epoch}, "
                 f"valid NDCG@10 {result.valid['ndcg@10']:.4f}")

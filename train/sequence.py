@@ -52,11 +52,14 @@ class Windows:
         return len(self.inputs)
 
 
-def training_windows(split: Split, max_len: int) -> Windows:
-    """Every user's training items as windows of ``max_len`` inputs, each training target predicted once."""
+def training_windows(split: Split, max_len: int, through_valid: bool = False) -> Windows:
+    """Every user's training items as windows of ``max_len`` inputs, each training target predicted once.
+
+    ``through_valid``: each user's validation item is a training item too (the refit, see :func:`fit_sequence`).
+    """
     rows_in, rows_t, users, starts = [], [], [], []
     for u in range(split.num_users):
-        train = split.train_seq(u)
+        train = held_out(split, u, "test")[1] if through_valid else split.train_seq(u)
         end = len(train)
         while end > 1:
             start = max(0, end - (max_len + 1))
@@ -221,6 +224,25 @@ def all_gather_ids(ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat([o[: int(n.item())] for o, n in zip(out, sizes)]), world
 
 
+THIN_COUNT, THIN_SHARE = 5, 0.10  # train.refit "auto": refit where >= 10% of validation targets have < 5
+
+
+def refit_wanted(setting: bool | str, split: Split) -> bool:
+    """``train.refit`` resolved: "auto" refits where the newest items are thin in training, i.e. at least
+    :data:`THIN_SHARE` of the validation targets have fewer than :data:`THIN_COUNT` training interactions.
+    Those are the catalogs where each user's validation item adds most: the test targets are newer still."""
+    if setting != "auto":
+        return bool(setting)
+    counts = np.zeros(split.num_items, dtype=np.int64)
+    for u in range(split.num_users):
+        np.add.at(counts, split.train_seq(u), 1)
+    thin = float(np.mean([counts[split.valid_target(u)] < THIN_COUNT for u in range(split.num_users)]))
+    wanted = thin >= THIN_SHARE
+    logger.info("%.1f%% of validation targets have fewer than %d training interactions: train.refit auto -> %s",
+                100 * thin, THIN_COUNT, wanted)
+    return wanted
+
+
 AUTO_BUCKETS = 20  # pools of batches that train.length_buckets "auto" sorts by length
 
 
@@ -351,18 +373,22 @@ class SequenceTrainer:
 
 def fit_sequence(config: Config, model: TwoTower, bank, split: Split, device, progress: bool = True,
                  resume_path: Path | None = None, titles: torch.Tensor | None = None,
-                 prefixes=None) -> tuple[int, list[dict]]:
+                 prefixes=None, refit_epochs: int = 0) -> tuple[int, list[dict]]:
     """Train with early stopping on validation NDCG@10; the model ends with its best epoch's weights.
 
     ``prefixes``: the :func:`prefix_profiles` of a model with ``user.profile_prefix`` (required then).
 
     With ``resume_path``, the whole training state is saved there after every epoch (atomically), and
     training continues from it when it exists.
+
+    ``refit_epochs=n`` is the refit (``train.refit``): the same recipe, from the same initial weights, for the
+    ``n`` epochs validation chose, on windows that also hold each user's validation item, with no selection
+    (there is nothing left to validate on). The newest interactions are the ones sparse catalogs lack most.
     """
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    windows = training_windows(split, config.user.max_len)
+    windows = training_windows(split, config.user.max_len, through_valid=refit_epochs > 0)
     if prefixes is not None:  # the frozen LLM reads every window's older history once
         windows.prefix = prefixes(older_histories(split, windows)).cpu()
         logger.info("prefix profiles of %d older histories", len(prefixes.cache))
@@ -373,6 +399,14 @@ def fit_sequence(config: Config, model: TwoTower, bank, split: Split, device, pr
     trainer = SequenceTrainer(config, model, bank, split, device, windows, titles)
     logger.info("%d training windows, %s softmax, %d process(es)", len(windows),
                 "full" if trainer.full else "sampled", trainer.world)
+    if refit_epochs:
+        history = []
+        for epoch in range(refit_epochs):
+            history.append({"epoch": epoch, "loss": trainer.epoch(f"refit {epoch}", progress),
+                            "lr": trainer.scheduler.get_last_lr()[0]})
+            logger.info("refit epoch %d loss %.4f", epoch, history[-1]["loss"])
+        model.eval()
+        return refit_epochs - 1, history
     eval_users = list(range(split.num_users))
     if config.train.eval_users and config.train.eval_users < len(eval_users):
         eval_users = sorted(random.Random(config.train.seed).sample(eval_users, config.train.eval_users))

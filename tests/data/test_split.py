@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
 from data.importers import prepare_movielens_100k, prepare_movielens_latest
-from data.protocol import k_core, leave_one_out
+from data.protocol import Split, k_core, leave_one_out, popularity_metrics
 
 
 def _pairs(df: pl.DataFrame) -> set[tuple]:
@@ -132,21 +133,28 @@ def test_tie_break_input_order_keeps_row_order() -> None:
 
 def test_movielens_100k_pop_matches_published_anchor(ml100k_dir: Path, tmp_path: Path) -> None:
     """Most-popular-unseen under the importer's tie-break lands near RecBole's published Pop (Recall@10 0.0827)."""
-    import torch
-
-    from data.protocol import ranking_metrics, target_ranks
-
     catalog = prepare_movielens_100k(ml100k_dir, tmp_path / "ml100k")
     assert catalog.meta["tie_break"] == "input_order"
-    results = {}
-    for tie_break in ("input_order", "item_id"):
-        split = leave_one_out(catalog.interactions, 5, tie_break)
-        pop = torch.zeros(split.num_items)
-        for seq in split.sequences:
-            pop.index_add_(0, torch.as_tensor(seq[:-2]), torch.ones(len(seq) - 2))
-        scores = pop[None].expand(split.num_users, -1) + torch.arange(split.num_items)[None] * -1e-6
-        ranks = target_ranks(scores, torch.tensor([split.test_target(u) for u in range(split.num_users)]),
-                             [split.sequences[u][:-1] for u in range(split.num_users)])
-        results[tie_break] = ranking_metrics(ranks)["recall@10"]
+    results = {t: popularity_metrics(leave_one_out(catalog.interactions, 5, t), "test")["recall@10"]
+               for t in ("input_order", "item_id")}
     assert abs(results["input_order"] - 0.0827) < 0.01, results
     assert results["item_id"] < 0.06, results  # the other tie-break moves the test targets to rarer items
+
+
+def test_popularity_ranks_by_count_then_index_and_excludes_history() -> None:
+    """Pop on a hand-made split: counts before the target, ties to the lower index, the history excluded."""
+    # items 0..4; each user's last two items are the validation and test targets
+    split = Split(user_ids=[0, 1, 2], item_ids=list(range(5)),
+                  sequences=[np.array(s) for s in ([2, 2, 1, 3, 0], [2, 1, 4, 3], [1, 0, 4, 1])])
+    # training items: [2, 2, 1], [2, 1], [1, 0] -> counts 0:1, 1:3, 2:3, 3:0, 4:0 -> order 1, 2, 0, 3, 4
+    # user 0 valid target 3, history [2, 2, 1] excluded -> ranking 0, 3, 4: rank 1
+    # user 1 valid target 4, history [2, 1] -> 0, 3, 4: rank 2
+    # user 2 valid target 4, history [1, 0] -> 2, 3, 4: rank 2
+    valid = popularity_metrics(split, "valid")
+    assert valid["mrr@5"] == pytest.approx((1 / 2 + 1 / 3 + 1 / 3) / 3)
+    assert valid["recall@5"] == 1.0 and valid["users"] == 3
+    # test counts the validation items too: 0:1, 1:3, 2:3, 3:1, 4:2 -> order 1, 2, 4, 0, 3
+    # user 0 target 0, history [2, 2, 1, 3] -> 4, 0: rank 1; user 1 target 3, history [2, 1, 4] -> 0, 3: rank 1
+    # user 2 target 1, seen before (a re-watch is still ranked), history minus target [0, 4] -> 1: rank 0
+    test = popularity_metrics(split, "test")
+    assert test["mrr@5"] == pytest.approx((1 / 2 + 1 / 2 + 1) / 3)

@@ -18,11 +18,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-import torch
 
 from configs import load_config
 from data.catalog import write_catalog
-from data.protocol import Split, held_out, ranking_metrics, target_ranks
+from data.protocol import Split, popularity_metrics
 from train.loop import load_training_data, train
 
 pytestmark = pytest.mark.slow
@@ -66,15 +65,7 @@ def catalogs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def popularity_ndcg(split: Split, which: str) -> float:
-    """NDCG@10 of most-popular-unseen, counted over what precedes the target (ties broken by item index)."""
-    held = [held_out(split, u, which) for u in range(split.num_users)]
-    counts = torch.zeros(split.num_items)
-    for seq in split.sequences:
-        history = seq[:-2] if which == "valid" else seq[:-1]
-        counts.index_add_(0, torch.as_tensor(history), torch.ones(len(history)))
-    scores = counts[None].expand(split.num_users, -1) - torch.arange(split.num_items)[None] * 1e-6
-    ranks = target_ranks(scores, torch.tensor([t for t, _, _ in held]), [ex for _, _, ex in held])
-    return ranking_metrics(ranks)["ndcg@10"]
+    return popularity_metrics(split, which)["ndcg@10"]
 
 
 @pytest.mark.parametrize("setup", list(SETUPS))

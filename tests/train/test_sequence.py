@@ -16,7 +16,7 @@ from data.rundir import RunDir
 from errors import ConfigError
 from towers.factory import build_towers, is_saved, load_towers
 from train.losses import inclusion_logq, info_nce
-from train.sequence import eval_sequences, training_windows
+from train.sequence import eval_sequences, refit_wanted, training_windows
 
 ITEMS = ["user.input=items", "item.image.enabled=false", "item.audio.enabled=false"]
 
@@ -47,6 +47,27 @@ def test_windows_predict_every_training_target_once(max_len: int) -> None:
         n = int(w.mask[row].sum())
         assert (w.targets[row, :n] >= 0).all() and (w.targets[row, n:] == -1).all()
         assert torch.equal(w.inputs[row, 1:n], w.targets[row, : n - 1])
+
+
+def test_refit_windows_add_the_validation_item_and_never_the_test_item() -> None:
+    split = _split([4, 9, 17, 25])
+    w = training_windows(split, 5, through_valid=True)
+    targets, inputs = w.targets[w.targets >= 0].tolist(), w.inputs[w.mask.bool()].tolist()
+    for seq in split.sequences:
+        assert sorted(t for t in targets if t in set(seq.tolist())) == sorted(seq[1:-1].tolist())
+        assert int(seq[-1]) not in targets and int(seq[-1]) not in inputs  # the test item stays unseen
+        assert int(seq[-2]) in targets  # the validation item is now a training target
+
+
+def test_refit_auto_follows_how_thin_the_validation_items_are(caplog: pytest.LogCaptureFixture) -> None:
+    thin = _split([6, 8, 7, 9])  # disjoint users: no validation item was ever trained on
+    dense = Split(user_ids=list(range(20)), item_ids=list(range(10)),
+                  sequences=[np.roll(np.arange(10), u) for u in range(20)])  # every item trained on by 16 users
+    with caplog.at_level("INFO", logger="train.sequence"):
+        assert refit_wanted("auto", thin) and not refit_wanted("auto", dense)
+    assert "100.0% of validation targets have fewer than 5 training interactions: train.refit auto -> True" in \
+        caplog.text and "0.0% of validation" in caplog.text
+    assert refit_wanted(True, dense) and not refit_wanted(False, thin)
 
 
 def test_eval_sequences_hold_out_the_target() -> None:
@@ -139,8 +160,9 @@ def test_lora_checkpoint_round_trip(tmp_path: Path) -> None:
 @pytest.mark.parametrize("extra", [[], ["user.input_table=both", "user.strategy=lora"],
                                    ["train.loss=sampled", "train.num_negatives=16", "user.init=random"],
                                    ["user.item_titles=true", "user.strategy=top_k", "user.top_k=1"],
-                                   ["user.profile_prefix=true", "user.max_len=4", "user.strategy=lora"]],
-                         ids=["shared-full", "both-lora", "sampled-random", "titles-topk", "prefix-lora"])
+                                   ["user.profile_prefix=true", "user.max_len=4", "user.strategy=lora"],
+                                   ["train.refit=true", "user.item_titles=true", "user.strategy=lora"]],
+                         ids=["shared-full", "both-lora", "sampled-random", "titles-topk", "prefix-lora", "refit"])
 def test_served_evaluation_equals_training(tiny_catalog: Path, tmp_path: Path, extra: list[str]) -> None:
     """The served path (index vectors, Recommender, evaluate) reproduces the training loop's test metrics."""
     from index.build import build_index
@@ -155,6 +177,11 @@ def test_served_evaluation_equals_training(tiny_catalog: Path, tmp_path: Path, e
         assert served[key] == pytest.approx(result.test[key], abs=2e-4), key
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["history"] and metrics["test"]["ndcg@10"] == result.test["ndcg@10"]
+    if "train.refit=true" in extra:  # the served (and tested) model is the refit, for the epochs validation chose
+        assert metrics["refit"]["epochs"] == result.best_epoch + 1 == len(metrics["refit"]["history"])
+        assert result.refit == metrics["refit"]
+    else:
+        assert "refit" not in metrics and result.refit is None
 
 
 def test_item_titles_are_the_llms_own_token_embeddings() -> None:
