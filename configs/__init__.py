@@ -300,7 +300,7 @@ class TrainConfig(_Checked):
     length_buckets: int | Literal["auto"] = _checked("auto", _buckets)
     llm_lr: float = _bounded(0.0, ge=0)  # learning rate of the LLM's own weights (0 = lr)
     resumable: bool = False  # items input: save the training state after every epoch, for `train --resume`
-    # items input: once validation has chosen the epoch, train again from the same start for that many epochs
+    # items input: once validation has chosen the epoch, train again (fresh, same seed) for that many epochs
     # on windows that also hold each user's validation item; the run keeps (and the test scores) that model.
     # "auto": refit where the newest items are thin in training (see train.sequence.refit_wanted)
     refit: bool | Literal["auto"] = _checked(False, _bool_or_auto)

@@ -381,9 +381,10 @@ def fit_sequence(config: Config, model: TwoTower, bank, split: Split, device, pr
     With ``resume_path``, the whole training state is saved there after every epoch (atomically), and
     training continues from it when it exists.
 
-    ``refit_epochs=n`` is the refit (``train.refit``): the same recipe, from the same initial weights, for the
-    ``n`` epochs validation chose, on windows that also hold each user's validation item, with no selection
-    (there is nothing left to validate on). The newest interactions are the ones sparse catalogs lack most.
+    ``refit_epochs=n`` is the refit (``train.refit``): the same recipe on a model freshly initialised from the
+    same seed, for the ``n`` epochs validation chose, on windows that also hold each user's validation item,
+    with no selection (there is nothing left to validate on). The newest interactions are the ones sparse
+    catalogs lack most.
     """
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
