@@ -128,10 +128,10 @@ def without_test(catalog: str, out: Path) -> str:
     interactions = pl.DataFrame(rows, schema={"user_id": source.interactions["user_id"].dtype,
                                               "item_id": source.interactions["item_id"].dtype,
                                               "timestamp": pl.Int64}, orient="row")
-    if not (out / "catalog.json").exists():
-        write_catalog(out, source.items.drop(["image_path", "audio_path"], strict=False).with_columns(
-            pl.lit(None, pl.String).alias("image_path"), pl.lit(None, pl.String).alias("audio_path")),
-            interactions, meta={"source": f"{catalog} without each user's test item"})
+    items = source.items.drop(["image_path", "audio_path"], strict=False).with_columns(
+        pl.lit(None, pl.String).alias("image_path"), pl.lit(None, pl.String).alias("audio_path"))  # no media
+    write_catalog(out, items, interactions, meta={"source": f"{catalog} without each user's test item"},
+                  overwrite=(out / "catalog.json").exists())  # rebuilt each time: the source may have changed
     return str(out)
 
 

@@ -165,9 +165,9 @@ def popularity_metrics(split: Split, which: Literal["valid", "test"]) -> dict[st
         counts.index_add_(0, torch.as_tensor(np.asarray(history, dtype=np.int64)), torch.ones(len(history),
                                                                                               dtype=torch.float64))
     # Scores strictly decrease along (count desc, index asc), so no two items tie.
-    order = sorted(range(split.num_items), key=lambda i: (-counts[i].item(), i))
+    order = torch.argsort(-counts, stable=True)  # most popular first; equal counts keep the index order
     scores = torch.empty(split.num_items, dtype=torch.float32)
-    scores[torch.tensor(order)] = -torch.arange(split.num_items, dtype=torch.float32)
+    scores[order] = -torch.arange(split.num_items, dtype=torch.float32)
     ranks = []
     for start in range(0, split.num_users, 1024):
         held = [held_out(split, u, which) for u in range(start, min(split.num_users, start + 1024))]
