@@ -37,9 +37,9 @@ def _write(folder: Path, items: str = ITEMS_CSV, interactions: str = INTERACTION
 
 
 @pytest.fixture(scope="module")
-def poster(ml100k_dir: Path) -> Path:
-    """A real 92x138 JPEG poster."""
-    return ml100k_dir / "posters" / "1.jpg"
+def poster(sample_poster: Path) -> Path:
+    """A generated 92x138 JPEG poster."""
+    return sample_poster
 
 
 def test_prepare_generic_valid_minimal(tmp_path: Path) -> None:
@@ -510,12 +510,9 @@ def test_nan_timestamp_unreadable() -> None:
 
 
 @pytest.fixture(scope="module")
-def clip(shared_datasets: Path) -> Path:
-    """A real 5.4 s Ogg Vorbis clip."""
-    path = shared_datasets / "audio-clips" / "sorohanro_-_solo-trumpet-06.ogg"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    return path
+def clip(sample_clips: list[Path]) -> Path:
+    """A generated 5.5 s Ogg Vorbis clip."""
+    return sample_clips[2]
 
 
 def _media_src(tmp_path: Path, image: bytes | None = None, audio: tuple[str, bytes] | None = None) -> tuple[Path, Path]:

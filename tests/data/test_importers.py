@@ -26,9 +26,9 @@ def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def poster(ml100k_dir: Path) -> Path:
-    """A real 92x138 JPEG poster."""
-    return ml100k_dir / "posters" / "1.jpg"
+def poster(sample_poster: Path) -> Path:
+    """A generated 92x138 JPEG poster."""
+    return sample_poster
 
 
 # --- --map ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Decoding and checking of real audio clips and posters, and clean errors for broken files (data/media.py)."""
+"""Decoding and checking of audio clips and posters, and clean errors for broken files (data/media.py)."""
 
 from __future__ import annotations
 
@@ -17,24 +17,23 @@ from PIL import Image
 from data.media import MediaError, check_audio, check_image, load_audio, load_image, pad_waveforms
 
 RATE = 16000
-MAX_SECONDS = 3.0  # the shortest real clip (2.7 s) is kept whole, the others are cropped
+MAX_SECONDS = 3.0  # the short generated clips (1 s, 2.5 s) are kept whole, the others are cropped
 
 
 @pytest.fixture(scope="module")
-def clips(shared_datasets: Path) -> list[Path]:
-    found = sorted((shared_datasets / "audio-clips").glob("*.ogg"))
-    if not found:
-        pytest.skip("no audio clips in shared/datasets/audio-clips")
-    return found
+def clips(sample_clips: list[Path]) -> list[Path]:
+    """Generated Ogg Vorbis clips: 1 s to 61 s, 16 to 44.1 kHz, mono and stereo (tests/synthetic.py)."""
+    return sample_clips
 
 
 @pytest.fixture(scope="module")
-def poster(ml100k_dir: Path) -> Path:
-    return ml100k_dir / "posters" / "1.jpg"
+def poster(sample_poster: Path) -> Path:
+    """A generated 92x138 JPEG poster."""
+    return sample_poster
 
 
-def test_real_clips_decode(clips: list[Path]) -> None:
-    assert len(clips) >= 14
+def test_clips_decode(clips: list[Path]) -> None:
+    assert len(clips) >= 4
     for clip in clips:
         info = sf.info(str(clip))
         wave = load_audio(clip, RATE, MAX_SECONDS)
@@ -86,7 +85,7 @@ def test_missing_and_empty_audio_raise(tmp_path: Path) -> None:
         load_audio(empty, RATE, MAX_SECONDS)
 
 
-def test_real_poster_decodes(poster: Path) -> None:
+def test_poster_decodes(poster: Path) -> None:
     x = load_image(poster, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32
     assert x.min() >= -2.0 - 1e-6 and x.max() <= 2.0 + 1e-6  # (v - 0.5) / 0.25 for v in [0, 1]
@@ -168,7 +167,7 @@ def test_image_over_pil_limit_is_media_error(poster: Path, monkeypatch: pytest.M
 # --- full checks used by prepare --------------------------------------------------------------------------
 
 
-def test_check_image_and_audio_accept_real_files(poster: Path, clips: list[Path]) -> None:
+def test_check_image_and_audio_accept_good_files(poster: Path, clips: list[Path]) -> None:
     assert check_image(poster) == (92, 138)
     for clip in clips:
         assert check_audio(clip) == sf.info(str(clip)).frames, clip.name
@@ -184,7 +183,7 @@ def test_check_image_refuses_truncated_and_missing(poster: Path, tmp_path: Path)
 
 
 def test_check_audio_refuses_truncated_and_garbled_ogg(clips: list[Path], tmp_path: Path) -> None:
-    data = clips[0].read_bytes()
+    data = clips[2].read_bytes()  # 5.5 s: a third of the way in is audio, past the headers
     cut = tmp_path / "cut.ogg"
     cut.write_bytes(data[: len(data) * 3 // 4])
     with pytest.raises(MediaError, match=rf"^{re.escape(str(cut))}: truncated Ogg file: the page at byte \d+ needs"):
@@ -245,8 +244,7 @@ def _full_decode_then_crop(path: Path, sample_rate: int, max_seconds: float) -> 
 
 
 def test_load_audio_matches_full_decode(clips: list[Path], tmp_path: Path) -> None:
-    picked = [c for c in clips if c.name.startswith(("sorohanro", "Kevin_MacLeod_-_Vibe", "198-209"))]
-    assert len(picked) == 3
+    picked = clips[:3]  # 1 s at 16 kHz, 2.5 s stereo at 22.05 kHz, 5.5 s at 44.1 kHz
     stereo = tmp_path / "stereo.flac"
     rng = np.random.default_rng(0)
     sf.write(str(stereo), (0.3 * rng.standard_normal((5 * 22050, 2))).astype(np.float32), 22050)
@@ -257,7 +255,7 @@ def test_load_audio_matches_full_decode(clips: list[Path], tmp_path: Path) -> No
 
 
 def test_load_audio_reads_only_the_crop(clips: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    clip = next(c for c in clips if c.name.startswith("Kevin_MacLeod_-_Vibe"))  # 61 s at 22,050 Hz
+    clip = max(clips, key=lambda c: sf.info(str(c)).frames)  # 61 s at 22,050 Hz
     info = sf.info(str(clip))
     requested, returned = [], []
     real_read = sf.SoundFile.read

@@ -1,5 +1,5 @@
 """The query API's filters, limits, result type, similar items, search paths and auto-tuned parameters, on the
-tiny trained run (150 real ML-100K movies, Flat index), each checked against brute force over the vectors."""
+tiny trained run (150 synthetic films, Flat index), each checked against brute force over the vectors."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def test_results_are_lists_with_version_and_latency(rec, user) -> None:
 
 
 def test_where_sql_returns_k_matching_items(rec, user, item_vectors) -> None:
-    """ML-100K titles end in their year: "title LIKE '%(1995)'" keeps the 1995 films."""
+    """The titles end in their year: "title LIKE '%(1995)'" keeps the 1995 films."""
     out = rec.recommend(user_id=user, k=8, rerank=False, where="title LIKE '%(1995)'")
     assert len(out) == 8 and all(r.title.endswith("(1995)") for r in out)
     want = _exact(rec, item_vectors, _user_vector(rec, user), 8, lambda r: rec.titles[r].endswith("(1995)"),

@@ -63,7 +63,7 @@ def check(res) -> None:
 
 # --- strategies ---------------------------------------------------------------------------------------------------
 
-ITEMS = [1, 50, 100, 181, 258]  # ML-100K ids; most are in the tiny catalog (its 150 most rated movies)
+ITEMS = [1, 50, 100, 181, 258]  # ids the tiny catalog always holds (tests/synthetic.py ANCHOR_IDS)
 ODD_STRINGS = ["", " ", "1", "-1", "042", "4.0", "--5", "\u00b2", "\u0661\u0662", "1e3", "0x10", "null", "[1, 2]",
                "\x00", "\U0001f4a5", "\u202e", "../../etc/passwd", "%2e%2e%2f", "x" * 257, "9" * 5000,
                "\ud800"]  # the last: a lone surrogate, which UTF-8 cannot encode

@@ -1,4 +1,4 @@
-"""Encoders and towers on real inputs: shapes, unit norms, missing modalities, padding, checkpoints."""
+"""Encoders and towers on generated inputs: shapes, unit norms, missing modalities, padding, checkpoints."""
 
 from __future__ import annotations
 
@@ -26,11 +26,6 @@ TEXTS = [
     "GoldenEye (1995)",
     "Twelve Monkeys (1995) In the year 2035, convict James Cole reluctantly volunteers to be sent back in time.",
 ]
-CLIPS = [
-    "456440__inspectorj__bird-whistling-robin-single-13.ogg",
-    "sorohanro_-_solo-trumpet-06.ogg",
-    "198-209-0000.ogg",
-]
 
 
 @pytest.fixture(scope="module")
@@ -45,18 +40,18 @@ def item_tower() -> ItemTower:
 
 
 @pytest.fixture(scope="module")
-def pixels(ml100k_dir: Path, item_tower: ItemTower) -> torch.Tensor:
-    """Three real posters, normalised for the tiny image encoder: ``(3, 3, 32, 32)``."""
+def pixels(synthetic_media, item_tower: ItemTower) -> torch.Tensor:
+    """Three generated posters, normalised for the tiny image encoder: ``(3, 3, 32, 32)``."""
     enc = item_tower.image
     size = TINY.item.image.image_size
-    return torch.stack([load_image(ml100k_dir / "posters" / f"{i}.jpg", size, enc.image_mean, enc.image_std)
-                        for i in (1, 2, 7)])
+    posters = [src for rel, src in synthetic_media.media.items() if rel.endswith(".jpg")][:3]
+    return torch.stack([load_image(p, size, enc.image_mean, enc.image_std) for p in posters])
 
 
 @pytest.fixture(scope="module")
-def clips(shared_datasets: Path) -> list[torch.Tensor]:
-    """Three real clips decoded at 16 kHz and cropped to at most 1 s, of different lengths."""
-    waves = [load_audio(shared_datasets / "audio-clips" / name, 16000, 1.0) for name in CLIPS]
+def clips(sample_clips: list[Path]) -> list[torch.Tensor]:
+    """Three generated clips decoded at 16 kHz and cropped to at most 1 s, of different lengths."""
+    waves = [load_audio(path, 16000, 1.0) for path in sample_clips[1:4]]
     waves[1] = waves[1][:12000]  # 0.75 s: the batch needs padding
     waves[2] = waves[2][:7000]
     return waves
@@ -128,7 +123,7 @@ def test_image_encoder_features(pixels: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("arch,width", [("conv", 16), ("wav2vec2", 32)])
-def test_audio_encoder_features_on_real_clips(arch: str, width: int, clips: list[torch.Tensor]) -> None:
+def test_audio_encoder_features_on_clips(arch: str, width: int, clips: list[torch.Tensor]) -> None:
     torch.manual_seed(0)
     enc = AudioEncoder(AudioEncoderConfig(arch=arch, width=width, layers=1, max_seconds=1.0)).eval()
     waves, lengths = pad_waveforms(clips)
