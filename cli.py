@@ -128,7 +128,8 @@ def _id_arg(value: str | None, flag: str) -> list[str] | None:
 
 
 def cmd_query(args) -> None:
-    from index.recommender import MAX_K, Recommender
+    from index.recommender import MAX_K
+    from rerank.pipeline import Pipeline
 
     history = None
     if args.history is not None:
@@ -138,7 +139,7 @@ def cmd_query(args) -> None:
     if not 1 <= args.k <= MAX_K:
         raise QueryError(f"--k must be from 1 to {MAX_K}, got {args.k}")
     allow, deny = _id_arg(args.allow, "--allow"), _id_arg(args.deny, "--deny")
-    rec = Recommender.load(args.run, device=args.device)
+    rec = Pipeline.load(args.run, device=args.device)
     if args.nprobe is not None or args.ef_search is not None:
         rec.set_search_params(nprobe=args.nprobe, ef_search=args.ef_search)
     if args.rerank_mode is not None:
@@ -205,8 +206,15 @@ def cmd_evaluate(args) -> None:
 
     if args.users < 0:
         raise QueryError(f"--users must be 0 (all users) or a positive number, got {args.users}")
+    pipeline = None
+    if args.rerank == "on":
+        from data.rundir import RunDir
+        from rerank.pipeline import Pipeline
+
+        RunDir(args.run).require().load_catalog(args.catalog)  # a changed catalog is refused before models load
+        pipeline = Pipeline.load(args.run)
     out = evaluate(args.run, users=args.users, seed=args.seed, rerank=args.rerank == "on",
-                   progress=not args.quiet, catalog_dir=args.catalog)
+                   progress=not args.quiet, catalog_dir=args.catalog, recommender=pipeline)
     print(json.dumps(out, indent=None if args.json else 2))
 
 

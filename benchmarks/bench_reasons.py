@@ -1,6 +1,6 @@
 """Personalised reasons: how grounded, how informative and how fast, zero-shot and fine-tuned.
 
-For a seeded sample of validation (or test) users, ``Recommender.explain`` writes a reason for the item each user
+For a seeded sample of validation (or test) users, ``Pipeline.explain`` writes a reason for the item each user
 really engaged with next, after their history; ``train.explain.evaluate_reasons`` scores it against the evidence
 the data holds before that point (co-occurrence in other users' histories, the catalog's genres)::
 
@@ -31,7 +31,7 @@ VARIANTS = ("zero-shot", "fine-tuned")
 def main() -> None:
     from data.protocol import split_catalog
     from data.rundir import RunDir
-    from index.recommender import Recommender
+    from rerank.pipeline import Pipeline
     from train.explain import evaluate_reasons
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,7 +50,7 @@ def main() -> None:
     args = p.parse_args()
 
     run = RunDir(args.run).require()
-    rec = Recommender.load(run.path, device=args.device)
+    rec = Pipeline.load(run.path, device=args.device)
     for change in args.set:
         key, _, value = change.partition("=")
         rec.configure_rerank(**{key.strip().removeprefix("rerank."): yaml.safe_load(value)})

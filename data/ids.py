@@ -9,12 +9,65 @@ between two spaces is one vectorised lookup, ``a.to(b)``, with ``-1`` where an i
 from __future__ import annotations
 
 import hashlib
+import numbers
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import polars as pl
 
 from errors import CatalogError
+
+MAX_INT_DIGITS = 20  # a longer digit string names no int64 id; it is not parsed (int() refuses over 4300 digits)
+
+
+def as_int(value) -> int | None:
+    """``value`` as an int if it is an int or a canonical ASCII integer string (``"42"``; not ``"042"``, ``"4.0"``,
+    ``"²"`` or ``"١٢"``), else None. Bools are not ints here."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    text = str(value).strip()
+    digits = text.removeprefix("-")  # isdigit() also takes "²"; int() of thousands of digits is refused
+    if digits.isascii() and digits.isdigit() and len(digits) <= MAX_INT_DIGITS and str(int(text)) == text:
+        return int(text)
+    return None
+
+
+def id_forms(item_id) -> list:
+    """The forms an id may take in a table: as given, as an int (``"42"`` -> 42, see :func:`as_int`) and as a
+    string (42 -> ``"42"``)."""
+    forms = [item_id]
+    if isinstance(item_id, str):
+        number = as_int(item_id)
+        if number is not None:
+            forms.append(number)
+    elif isinstance(item_id, int) and not isinstance(item_id, bool):
+        forms.append(str(item_id))
+    return forms
+
+
+def normalise_ids(col: pl.Series) -> pl.Series:
+    """Integer ids stay integers (int64; uint64 ids beyond its range become strings); anything else a string."""
+    if col.dtype.is_integer():
+        ints = col.cast(pl.Int64, strict=False)
+        if ints.null_count() == col.null_count():
+            return ints
+    text = col.cast(pl.Utf8)
+    text = text.set((text.str.strip_chars() == "").fill_null(False), None)  # a blank id is an empty field
+    canonical_ints = text.drop_nulls().str.contains(r"^(0|-?[1-9][0-9]{0,17})$").all()
+    if len(text.drop_nulls()) and canonical_ints:
+        return text.cast(pl.Int64)
+    return text  # string ids stay strings, so "007" keeps its zeros
+
+
+def as_item_ids(col: pl.Series, dtype: pl.DataType) -> pl.Series:
+    """An interactions table's ``item_id`` column in the items table's id ``dtype``; null where it cannot be."""
+    if col.dtype.is_float() and dtype.is_integer():  # integer ids stored as floats (a column with gaps in pandas)
+        whole = (col.is_finite() & (col == col.floor())).fill_null(False)
+        return col.set(~whole, None).cast(dtype, strict=False)
+    ids = normalise_ids(col)
+    return ids if ids.dtype == dtype else ids.cast(pl.Utf8).cast(dtype, strict=False)
 
 
 class ItemSpace:

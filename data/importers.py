@@ -25,7 +25,6 @@ from data.catalog import (
     ITEM_COLUMNS,
     MEDIA_DIR,
     Catalog,
-    as_item_ids,
     check_catalog_out,
     check_column_types,
     not_a_file,
@@ -34,6 +33,7 @@ from data.catalog import (
     validate_items,
     write_catalog,
 )
+from data.ids import as_item_ids
 from errors import CatalogError
 
 logger = logging.getLogger(__name__)

@@ -5,41 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from data.catalog import Catalog
-from data.items import item_loader, to_device
 from data.rundir import RunDir
 from index.reindex import CHUNK_SIZE, KEEP_VERSIONS, ReindexResult, reindex
-from towers.factory import TwoTower, make_item_dataset
-from towers.feature_cache import text_encoder_is_cacheable, text_features
-from towers.progress import tqdm
 
 logger = logging.getLogger(__name__)
-
-
-@torch.inference_mode()
-def embed_items(model: TwoTower, catalog: Catalog, id_rows: np.ndarray, device, batch_size: int = 64,
-                num_workers: int = 0, progress: bool = True) -> np.ndarray:
-    """``(N, D)`` float32 embeddings of every catalog item, in catalog order.
-
-    ``id_rows[i]`` is catalog item ``i``'s row in the item tower's id table (``-1``: no id vector, the item
-    is embedded from its content alone).
-    """
-    dataset = make_item_dataset(catalog, model, id_rows)
-    texts = None
-    if text_encoder_is_cacheable(model):  # frozen text encoder: features from the cache that training filled
-        texts = text_features(model, dataset, device, batch_size, progress)
-        dataset = dataset.without("text")
-    loader = item_loader(dataset, batch_size=batch_size, num_workers=num_workers)
-    out = []
-    for batch in tqdm(loader, desc="embedding items", disable=not progress, unit="batch"):
-        rows = batch.pop("row")
-        if texts is not None:
-            batch["text_features"] = texts[rows]
-        out.append(model.item.encode_items(to_device(batch, device)).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.config.dim), dtype=np.float32)
 
 
 def build_index(run_dir: str | Path, catalog_dir: str | Path | None = None, factory: str | None = None,

@@ -2,7 +2,8 @@
 
 Each user's history is everything but the held-out test item; candidates are retrieved from the live index,
 restricted to the items of the k-core split and with the history excluded (the target never is: see
-:func:`data.protocol.held_out`, which the training loop uses too), then optionally reranked.
+:func:`data.protocol.held_out`, which the training loop uses too), then optionally reranked by the
+recommender given (a :class:`rerank.Pipeline`: this module only calls its ``rerank``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ def evaluate(run_dir: str | Path, users: int = 0, seed: int = 0, rerank: bool = 
         run_dir: a trained run with a built index.
         users: evaluate a seeded random sample of this many users (0 = all users).
         seed: seed of that sample.
-        rerank: also score the reranked lists.
+        rerank: also score the reranked lists; needs a ``recommender`` with a ``rerank`` stage
+            (:class:`rerank.Pipeline`).
+        recommender: an already loaded recommender of ``run_dir`` (default: :meth:`Recommender.load`).
         catalog_dir: where the training catalog is now, if it moved (its content must be unchanged).
     """
     if isinstance(users, bool) or not isinstance(users, int) or users < 0:
@@ -42,6 +45,8 @@ def evaluate(run_dir: str | Path, users: int = 0, seed: int = 0, rerank: bool = 
     run = RunDir(run_dir).require()
     catalog = run.load_catalog(catalog_dir)  # refuses a catalog that changed since training
     rec = recommender or Recommender.load(run.path)
+    if rerank and not callable(getattr(rec, "rerank", None)):
+        raise QueryError("rerank=True needs a recommender with a rerank stage: pass rerank.Pipeline.load(run)")
     split = split_catalog(rec.config, catalog)
     chosen = list(range(split.num_users))
     if users and users < len(chosen):

@@ -1,18 +1,16 @@
-"""The query API: ``Recommender.load(run_dir).recommend(user_id=..., k=10)``.
+"""Retrieval: ``Recommender.load(run_dir).recommend(user_id=..., k=10)``.
 
-A query builds the user's profile prompt, embeds it with the user tower, retrieves candidates from the live
-FAISS index (already-seen items excluded), and optionally reranks the top candidates with the LLM.
+A query embeds the user's history with the user tower and searches the live FAISS index (already-seen items
+excluded, filters applied). The LLM stages above retrieval (rerank, reasons) are :class:`rerank.Pipeline`'s,
+which composes them over a Recommender; this module never imports them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import numbers
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
@@ -20,12 +18,25 @@ import numpy as np
 import polars as pl
 import torch
 
-from data.ids import ItemSpace
+from data.ids import ItemSpace, as_int
 from data.items import pad_batch
 from data.profiles import profile_builder
 from data.rundir import RunDir
-from errors import CheckpointError, ConfigError, IndexStateError, QueryError
+from errors import IndexStateError, QueryError
 from index import ann
+from index.results import (  # noqa: F401 (MAX_K, Recommendation, Results and Hits are this module's API too)
+    MAX_K,
+    Hits,
+    Recommendation,
+    Results,
+    Retrieved,
+    allow_hints,
+    check_id_type,
+    check_k,
+    id_list,
+    one_query,
+    retrieval_only,
+)
 from index.store import is_version_name, live_version, read_vectors, read_version
 from index.where import where_mask
 from towers.device import resolve_device
@@ -34,61 +45,6 @@ from towers.hub import load_tokenizer
 from towers.sequence import ProfilePrefixes, title_table
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Recommendation:
-    item_id: object
-    title: str
-    score: float  # final score (after rerank when it ran)
-    retrieval_score: float  # cosine similarity from the two towers
-    rerank_score: float | None = None  # the LLM reranker's score, when reranked
-    reason: str | None = None  # a short personalised reason, when asked for (``explain=True``)
-    reason_source: str | None = None  # "llm" (written by the LM, grounded in the history) or "template"
-    reason_cites: tuple = ()  # the history item ids the reason names
-
-
-MAX_K = 1000  # the most items one query returns
-EXPLAIN_CANDIDATES = 3  # a reason may quote the history items with the most evidence for the recommendation: this many
-
-
-class Results(list):
-    """One query's answer: a ``list`` of :class:`Recommendation` (best first), so code written for the plain
-    list keeps working, plus where and how fast it was answered.
-
-    Attributes:
-        version: name of the index version that answered (a folder under ``<run>/index/``).
-        latency_ms: wall time of the call, from arguments to answer (for a batch: the whole batch's).
-        hint: why the list is shorter than asked where the query itself explains it (e.g. every item of
-            ``allow`` is already in the history), else None.
-    """
-
-    def __init__(self, items: Iterable[Recommendation] = (), version: str = "", latency_ms: float = 0.0,
-                 hint: str | None = None):
-        super().__init__(items)
-        self.version = version
-        self.latency_ms = latency_ms
-        self.hint = hint
-
-    @property
-    def items(self) -> list[Recommendation]:
-        """The recommendations as a plain list."""
-        return list(self)
-
-    def __repr__(self) -> str:
-        hint = f", hint={self.hint!r}" if self.hint else ""
-        return (f"Results(version={self.version!r}, latency_ms={self.latency_ms:.3f}{hint}, "
-                f"items={list.__repr__(self)})")
-
-
-@dataclass(frozen=True)
-class Hits:
-    """Retrieval for a batch of query vectors (:meth:`Recommender.search_vectors`), as arrays."""
-
-    rows: np.ndarray  # (B, k) int64 items-table rows, best first; -1 past the end of a short list
-    scores: np.ndarray  # (B, k) float32 inner products (cosine); -inf past the end
-    version: str  # the index version that answered
-    latency_ms: float  # wall time of the call
 
 
 class Recommender:
@@ -109,14 +65,6 @@ class Recommender:
         self.int_ids = items["item_id"].dtype.is_integer()
         self.tokenizer = load_tokenizer(self.config.user.model)
         self.builder = profile_builder(self.config, items, self.tokenizer)
-        self._reranker = None
-        self._text_lm = None  # reasons under rerank.mode=sequence: a zero-shot text LM (see _text_reranker)
-        self._explainer = None  # reasons: built on first use, for the reranker's LM (towers.explain.Explainer)
-        self._matcher = None  # catalog titles for grounding reasons (towers.explain.TitleMatcher)
-        self._reasons_lm = None  # reasons: the LM with the run's fine-tuned reasons adapter (train-reasons)
-        self._use_reasons_adapter = True
-        self._cooccurrence = None  # reasons' evidence: towers.explain.CoOccurrence over the served histories
-        self._genres = None  # each index row's genres (towers.explain.genre_list), () without a genres column
         # Item-sequence user tower: history items are read as their item embeddings (kept beside the index)
         # and, for an own input table, their id-table rows (-1 for items without one).
         self.vectors = vectors
@@ -158,71 +106,16 @@ class Recommender:
         return cls(run.path, model, index, items, run.read_histories(), dev, folder, vectors, id_table,
                    search_device)
 
-    @property
-    def reranker(self):
-        """The LLM reranker in the mode of ``rerank.mode``, loaded on first use: with the run's fine-tuned adapter
-        for that mode (``towerrec train-rerank``, and the fusion weight tuned with it) when there is one, else
-        zero-shot. Its ``history`` builds the history prompt it reads."""
-        if self._reranker is None:
-            self._reranker = self.build_reranker()
-        return self._reranker
-
-    def build_reranker(self, adapter: bool = True, cfg=None):
-        """A new :class:`towers.rerank.LLMReranker` as configured (or as ``cfg``, a ``RerankConfig``, says), with
-        the run's adapter for its mode when ``adapter`` and there is one, and its ``history`` prompt builder
-        attached."""
-        from towers.rerank import LLMReranker, history_builder
-
-        cfg = cfg or self.config.rerank
-        if cfg.mode == "sequence":
-            return self._sequence_reranker(cfg, adapter)
-        ref = cfg.model or self.config.user.model
-        rr = LLMReranker(cfg, ref, self.tokenizer if ref == self.config.user.model else None)
-        if adapter:
-            rr.load_adapter(self.run_dir)  # the adapter's own prompt settings replace rr.cfg's
-        same = rr.cfg.history_tokens == 0 and rr.tokenizer is self.tokenizer
-        rr.history = self.builder if same else history_builder(
-            self.config.data, rr.cfg, self.titles, self.items["text"].to_list(), rr.tokenizer)
-        return rr.to(self.device)
-
-    def _sequence_reranker(self, cfg, adapter: bool):
-        """The item-sequence cross-encoder (``rerank.mode: sequence``) from this run's user tower; served only
-        fine-tuned (an untrained one scores every candidate alike)."""
-        from towers.cross_rerank import SequenceReranker
-
-        if self.vectors is None:
-            raise ConfigError("rerank.mode=sequence reads history items as the user tower does: it needs an "
-                              "item-sequence user tower (user.input: items); use listwise or pointwise")
-        rr = SequenceReranker(cfg, self.model.user, self.vectors, self.id_rows, self.title_vectors)
-        if adapter and not rr.load_adapter(self.run_dir):
-            raise CheckpointError(f"{self.run_dir} has no fine-tuned sequence reranker: run `towerrec train-rerank "
-                                  f"--run {self.run_dir} --mode sequence` first")
-        return rr.to(self.device)
-
-    def configure_rerank(self, **changes) -> None:
-        """Change ``rerank`` settings for this recommender, e.g. ``configure_rerank(mode="listwise")``.
-
-        The values are checked like a config file's (a bad one is a :class:`ConfigError` naming the field); the
-        reranker reloads on next use, with the run's adapter for the new mode if it has one.
-        """
-        from configs import config_from_dict
-
-        tree = self.config.to_dict()
-        tree["rerank"].update(changes)
-        self.config = config_from_dict(tree)
-        self._reranker = self._text_lm = None
-        self._reasons_lm = None
-
     # -- id handling ---------------------------------------------------------------------------------------
     def _key(self, item_id, where: str = ""):
         """The catalog's own form of an item id: ``"42"`` finds integer item 42, ``42`` finds string item "42".
 
         Only ints and strings are ids: ``True``, ``50.7`` or ``None`` are refused rather than coerced.
         """
-        _check_id_type(item_id, f"item_id in {where}" if where else "item_id")
+        check_id_type(item_id, f"item_id in {where}" if where else "item_id")
         if item_id in self.index_items:
             return item_id
-        alt = _as_int(item_id) if self.int_ids else str(item_id)
+        alt = as_int(item_id) if self.int_ids else str(item_id)
         if alt is not None and alt in self.index_items:
             return alt
         where = f" in {where}" if where else ""
@@ -230,12 +123,12 @@ class Recommender:
 
     def _rows(self, item_ids: Iterable, where: str = "") -> list[int]:
         """Index-table rows of item ids (a clear error for any unknown or mistyped id)."""
-        return [self.index_items.row(self._key(i, where)) for i in _id_list(item_ids, where or "item ids")]
+        return [self.index_items.row(self._key(i, where)) for i in id_list(item_ids, where or "item ids")]
 
     def history_of(self, user_id) -> list:
         """The user's known history (item ids, oldest first)."""
-        _check_id_type(user_id, "user_id")
-        for key in (user_id, _as_int(user_id), str(user_id)):
+        check_id_type(user_id, "user_id")
+        for key in (user_id, as_int(user_id), str(user_id)):
             if key is not None and key in self.histories:
                 return list(self.histories[key])
         raise QueryError(f"unknown user_id {user_id!r}; pass history=[item ids] for a new user")
@@ -304,7 +197,6 @@ class Recommender:
 
         Args:
             k: 1 to 1,000 items.
-            rerank: rerank the retrieved candidates with the LLM (default: the config's ``rerank.enabled``).
             exclude: item ids to leave out besides the history (which is always left out).
             allow: only these item ids may be recommended.
             deny: these item ids are never recommended.
@@ -313,21 +205,19 @@ class Recommender:
                 SQL text may use only the item columns, literals, comparisons, AND/OR/NOT, IN lists, LIKE, IS NULL,
                 BETWEEN, arithmetic and a few scalar functions (:mod:`index.where`); anything else, such as a
                 subquery or a table function, is a :class:`QueryError`.
-            explain: give each recommendation a short reason grounded in the history (:meth:`explain`; an LM
-                pass per query, so off by default): ``reason``, ``reason_source`` and ``reason_cites``.
+            rerank, explain: the LLM stages are :class:`rerank.Pipeline`'s (``Pipeline.load(run).recommend(...,
+                rerank=True, explain=True)``). Here only ``None``/``False`` are accepted, for code written for
+                both; asking for either stage is a :class:`QueryError` that names the pipeline.
 
         Returns a :class:`Results`: a list of :class:`Recommendation` (best first; fewer than ``k`` only when
         fewer items pass the filters) that also carries ``.version`` and ``.latency_ms``, and ``.hint`` where
         ``allow`` items were left out as already seen (also logged as a WARNING).
         """
         started = time.perf_counter()
-        if user_id is None and history is None:
-            raise QueryError("give a user_id (a known user) or a history (item ids, oldest first)")
-        if user_id is not None and history is not None:
-            raise QueryError("give either user_id or history, not both")
-        return self._recommend(None if user_id is None else [user_id], None if history is None else [history],
-                               k, rerank, None if exclude is None else [exclude], allow, deny, where, started,
-                               explain)[0]
+        retrieval_only(rerank, explain)
+        user_ids, histories = one_query(user_id, history)
+        found = self.retrieve(user_ids, histories, k, k, None if exclude is None else [exclude], allow, deny, where)
+        return self.answer(found, found.lists, k, started)[0]
 
     def recommend_batch(self, user_ids: Sequence | None = None, histories: Sequence[Sequence] | None = None,
                         k: int = 10, rerank: bool | None = None, allow: Iterable | None = None,
@@ -338,16 +228,19 @@ class Recommender:
         ``allow``, ``deny`` and ``where`` apply to every query. Each result's ``latency_ms`` is the whole
         batch's: that is how long each of its queries waited.
         """
-        return self._recommend(user_ids, histories, k, rerank, None, allow, deny, where, time.perf_counter(), explain)
+        started = time.perf_counter()
+        retrieval_only(rerank, explain)
+        found = self.retrieve(user_ids, histories, k, k, None, allow, deny, where)
+        return self.answer(found, found.lists, k, started)
 
-    def _recommend(self, user_ids, histories, k, rerank, exclude, allow, deny, where, started: float,
-                   explain: bool = False) -> list[Results]:
-        """Shared body of :meth:`recommend` and :meth:`recommend_batch` (``exclude``: one list per query)."""
-        _check_k(k)
+    def retrieve(self, user_ids, histories, k: int, depth: int, exclude, allow, deny, where) -> Retrieved:
+        """The body of every query: checks, filters, one user-tower pass and one search for ``depth`` (>= ``k``)
+        candidates per query. ``exclude``: None or one list of item ids per query. :meth:`answer` finishes it."""
+        check_k(k)
         if (user_ids is None) == (histories is None):
             raise QueryError("give exactly one of user_ids or histories")
         if histories is None:
-            user_ids = _id_list(user_ids, "user_ids")
+            user_ids = id_list(user_ids, "user_ids")
             if not user_ids:
                 raise QueryError("user_ids is empty: give at least one user id")
             histories = [self.history_of(u) for u in user_ids]
@@ -356,25 +249,22 @@ class Recommender:
                 raise QueryError(f"histories must be a list of histories, got {type(histories).__name__}")
             if not histories:
                 raise QueryError("histories is empty: give at least one history")
-            histories = [_id_list(h, "history") for h in histories]
-        rerank = self.config.rerank.enabled if rerank is None else bool(rerank)
-        allow = None if allow is None else _id_list(allow, "allow")  # read twice: by _keep and for hints
+            histories = [id_list(h, "history") for h in histories]
+        allow = None if allow is None else id_list(allow, "allow")  # read twice: by _keep and for hints
         keep = self._keep(allow, deny, where)  # filters are checked before the (slower) user tower runs
         excluded = [self._rows(h, "history") for h in histories]
         if exclude is not None:
             excluded = [rows + self._rows(ex, "exclude") for rows, ex in zip(excluded, exclude)]
         users = self.embed_histories(histories)
-        n_cand = max(k, self.config.rerank.candidates) if rerank else k
-        hits = self._retrieve(users, n_cand, excluded, keep, self.knobs)
-        lists = self._lists(hits)
-        if rerank:
-            lists = self.rerank_batch(histories, lists, k)
+        hits = self._retrieve(users, max(k, depth), excluded, keep, self.knobs)
+        return Retrieved(histories, self._lists(hits), allow, keep, excluded)
+
+    def answer(self, found: Retrieved, lists: list[list[Recommendation]], k: int, started: float) -> list[Results]:
+        """``lists`` (``found``'s, or reordered from them) cut to ``k``, as :class:`Results` with hints where
+        ``allow`` items were left out as already seen."""
         lists = [recs[:k] for recs in lists]
-        if explain:
-            lists = [[dataclasses.replace(r, reason=str(x), reason_source=x.source, reason_cites=tuple(x.cites))
-                      for r, x in zip(recs, self.explain(h, recs))] if recs else recs
-                     for h, recs in zip(histories, lists)]
-        hints = self._allow_hints(allow, keep, excluded, lists, k, "already seen (in the history or exclude)")
+        hints = self._allow_hints(found.allow, found.keep, found.excluded, lists, k,
+                                  "already seen (in the history or exclude)")
         latency = (time.perf_counter() - started) * 1e3
         return [Results(recs, self.version.name, latency, hint) for recs, hint in zip(lists, hints)]
 
@@ -387,9 +277,9 @@ class Recommender:
         version keeps for it, as its histories are: it is never among the results itself.
         """
         started = time.perf_counter()
-        _check_k(k)
+        check_k(k)
         row = self.index_items.row(self._key(item_id))
-        allow = None if allow is None else _id_list(allow, "allow")
+        allow = None if allow is None else id_list(allow, "allow")
         keep = self._keep(allow, deny, where)
         hits = self._retrieve(self._vector(row)[None], k, [[row]], keep, self.knobs)
         lists = self._lists(hits)
@@ -408,7 +298,7 @@ class Recommender:
         Nothing is excluded unless asked (no history here).
         """
         started = time.perf_counter()
-        _check_k(k)
+        check_k(k)
         q = np.asarray(vectors, dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != self.index.d:
             raise QueryError(f"vectors must have shape (B, {self.index.d}), got {q.shape}")
@@ -544,35 +434,10 @@ class Recommender:
 
     def _allow_hints(self, allow: list | None, keep: np.ndarray | None, excluded: list[list[int]],
                      lists: list[list[Recommendation]], k: int, what: str) -> list[str | None]:
-        """Per query, a hint where its list came out short of ``k`` because items of ``allow`` that pass the
-        other filters were excluded (``what``: excluded as what), else None. Hints are logged (WARNING): one line
-        for a single query, a count for a batch."""
-        hints: list[str | None] = [None] * len(lists)
+        """Per query, why its list came out short of ``k`` where ``allow`` explains it (:func:`allow_hints`)."""
         if allow is None or all(len(recs) >= k for recs in lists):
-            return hints
-        rows = np.unique(np.asarray(self._rows(allow, "allow"), dtype=np.int64))
-        internal = self._internal_of[rows]
-        passing = internal >= 0  # retired items are never recommended: they do not count
-        if keep is not None:
-            passing &= keep[np.maximum(internal, 0)]
-        passing = set(rows[passing].tolist())
-        for q, (rows_q, recs) in enumerate(zip(excluded, lists)):
-            left_out = passing.intersection(rows_q) if len(recs) < k else set()
-            if not left_out:
-                continue
-            if left_out == passing:
-                hints[q] = (f"all {len(passing)} allowed item(s) that pass the filters are {what}, and those are "
-                            "never recommended")
-            else:
-                hints[q] = (f"{len(left_out)} of the {len(passing)} allowed items that pass the filters are {what} "
-                            "and were left out")
-        given = [h for h in hints if h]
-        if len(lists) == 1 and given:
-            logger.warning("allow: %s", given[0])
-        elif given:
-            logger.warning("allow: %d of %d queries came out short because allowed items were %s (see each "
-                           "Results.hint)", len(given), len(lists), what)
-        return hints
+            return [None] * len(lists)
+        return allow_hints(self._rows(allow, "allow"), self._internal_of, keep, excluded, lists, k, what)
 
     def _retrieve(self, users: np.ndarray, k: int, exclude_rows: list | None, keep: np.ndarray | None,
                   knobs: dict) -> Hits:
@@ -607,219 +472,10 @@ class Recommender:
         with self._lock:
             return np.asarray(ann.index_vectors_at(ann.unwrap(self.index)[0], [internal])[0], dtype=np.float32)
 
-    def rerank(self, history: Sequence, candidates: list[Recommendation], k: int | None = None) -> list[Recommendation]:
-        """Reorder retrieved candidates with the LLM reranker given the user's history; returns the top ``k``.
-
-        The first ``rerank.candidates`` (the depth) are reranked: the final score is
-        ``z(retrieval) + weight * z(llm)`` within them and ``rerank_score`` is the LLM's score (yes/no log-odds,
-        or the letter logit in listwise mode). Candidates beyond the depth follow in retrieval order, unchanged.
-        The same set of items comes out as went in.
-        """
-        return self.rerank_batch([history], [candidates], k)[0]
-
-    def rerank_batch(self, histories: Sequence[Sequence], candidate_lists: Sequence[list[Recommendation]],
-                     k: int | None = None) -> list[list[Recommendation]]:
-        """:meth:`rerank` for many users; listwise prompts of several users share a forward pass."""
-        if len(histories) != len(candidate_lists):
-            raise QueryError(f"{len(histories)} histories for {len(candidate_lists)} candidate lists")
-        depth = self.config.rerank.candidates
-        todo = [u for u, c in enumerate(candidate_lists) if len(c[:depth]) >= 2]
-        llm = []
-        if todo:
-            rr = self.reranker
-            if rr.history is None:  # the sequence cross-encoder reads index rows, not a prompt
-                llm = rr.score_rows([self._rows(histories[u], "history") for u in todo],
-                                    [self._rows([c.item_id for c in candidate_lists[u][:depth]], "candidates")
-                                     for u in todo])
-            else:
-                profiles = [rr.history.build(self._rows(histories[u], "history")).input_ids for u in todo]
-                llm = rr.score_batch(profiles, [[c.title for c in candidate_lists[u][:depth]] for u in todo])
-        scores = dict(zip(todo, llm))
-        out = []
-        for u, cands in enumerate(candidate_lists):
-            cands = list(cands)
-            if u in scores:
-                head = cands[:depth]
-                final = self.reranker.combine(torch.tensor([c.retrieval_score for c in head]), scores[u])
-                order = torch.argsort(final, descending=True, stable=True).tolist()
-                cands = [dataclasses.replace(head[o], score=float(final[o]), rerank_score=float(scores[u][o]))
-                         for o in order] + cands[depth:]
-            out.append(cands if k is None else cands[:k])
-        return out
-
-    def explain(self, history_or_user, recommendations: Sequence, llm: bool = True) -> list:
-        """One short reason per recommendation, grounded in the user's history: a list of
-        :class:`towers.explain.Reason` (``str(reason)`` is its text; ``cites`` the history item ids it names).
-
-        ``history_or_user`` is a known user id or a history (item ids, oldest first); ``recommendations`` are
-        :class:`Recommendation` objects or item ids. The history items the prompt shows are ranked by evidence
-        for each recommendation (co-occurrence in the served users' histories, then item-embedding similarity);
-        the prompt gives the top ``EXPLAIN_CANDIDATES`` with the genres each shares with the recommendation; the LM
-        writes each reason (batched, at most ``rerank.explain_tokens`` tokens), and inside quotes it can only write
-        the title of one of them, each at most once. A reason that fails the checks of its form
-        (:func:`towers.explain.check_reason`: exact history titles, plain words, one short finished sentence), still
-        names an item outside the history, cites none, or names a genre the recommendation does not share with an
-        item it cites is replaced by the template over the two history items with the most evidence
-        (``source="template"``); ``llm=False`` gives the templates alone, with no LM pass.
-        """
-        from towers.explain import (
-            Ask,
-            Reason,
-            check_reason,
-            genre_claims,
-            ground,
-            shared_genres,
-            template_reason,
-        )
-
-        if isinstance(history_or_user, (str, bytes, numbers.Integral)) and not isinstance(history_or_user, bool):
-            history = self.history_of(history_or_user)
-        else:
-            history = _id_list(history_or_user, "history")
-        rows = self._rows(history, "history")
-        if not rows:
-            raise QueryError("empty history: give at least one item id")
-        targets = [self.index_items.row(self._key(getattr(r, "item_id", r), "recommendations"))
-                   for r in _id_list(recommendations, "recommendations")]
-        if not targets:
-            return []
-        genres = self.genres
-        texts = [None] * len(targets)
-        if llm:
-            explainer = self._reason_writer()
-            profile = explainer.rr.history.build(rows)
-            shown = list(dict.fromkeys(profile.items))
-            asks = [Ask(self.titles[t], genres[t], tuple((self.titles[r], shared_genres(genres[t], [genres[r]], None))
-                                                           for r in self.evidence_rank(shown, t, EXPLAIN_CANDIDATES)))
-                    for t in targets]
-            texts = explainer.generate(profile.input_ids, asks)
-        unique = list(dict.fromkeys(rows))
-        vocabulary = self._genre_vocabulary
-        quotable = [self.titles[r] for r in unique]
-        reasons = []
-        for target, text in zip(targets, texts):
-            checked = text is not None and check_reason(text, quotable, (self.titles[target], *vocabulary)) is None
-            cites = ground(text, self._title_matcher, unique) if checked else None
-            if cites is not None and genre_claims(text, vocabulary) <= set(
-                    shared_genres(genres[target], [genres[c] for c in cites], limit=None)):
-                reasons.append(Reason(text, tuple(self.item_ids[r] for r in cites), "llm"))
-                continue
-            best = self.evidence_rank(unique, target, 2)
-            reasons.append(Reason(template_reason([self.titles[r] for r in best],
-                                                  shared_genres(genres[target], [genres[r] for r in best])),
-                                  tuple(self.item_ids[r] for r in best), "template"))
-        return reasons
-
-    def _reason_writer(self):
-        """The :class:`towers.explain.Explainer` that writes reasons: the run's fine-tuned reasons adapter (unless
-        :meth:`use_reasons_adapter` turned it off), else the reranker's text LM without its adapter."""
-        from towers.explain import Explainer
-
-        if self._use_reasons_adapter and self._reasons_lm is None:
-            self._reasons_lm = self._load_reasons_lm() or False
-        rr, adapter = (self._reasons_lm, True) if self._use_reasons_adapter and self._reasons_lm else \
-            (self._text_reranker, False)
-        if self._explainer is None or self._explainer.rr is not rr:
-            self._explainer = Explainer(rr, adapter=adapter)  # reads the tokenizer's vocabulary once
-        return self._explainer
-
-    def _load_reasons_lm(self):
-        """The text LM with the run's reasons adapter (``train-reasons``), or None when the run has none."""
-        from towers.explain import REASONS
-        from towers.rerank import read_adapter
-
-        found = read_adapter(self.run_dir, REASONS)
-        if found is None:
-            return None
-        weights, record, state = found
-        rr = self.build_reranker(adapter=False, cfg=self._text_config())
-        if record.get("model") != rr.model_ref:
-            raise CheckpointError(f"{weights}: reasons adapter for model {record.get('model')!r}, not "
-                                  f"{rr.model_ref!r}; rerun train-reasons")
-        rr.add_lora(record["lora"])
-        rr.load_adapter_state(state)
-        rr.eval()
-        rr.trained = record
-        logger.info("reasons: fine-tuned adapter from %s", weights)
-        return rr
-
-    def use_reasons_adapter(self, on: bool = True) -> bool:
-        """Write reasons with the run's fine-tuned reasons adapter (``on``, the default where the run has one) or
-        with the zero-shot LM; returns whether the adapter is in use."""
-        self._use_reasons_adapter = bool(on)
-        return self._reason_writer().adapter
-
-    @property
-    def cooccurrence(self):
-        """Reasons' evidence: :class:`towers.explain.CoOccurrence` over the served users' histories (built on
-        first use; assign another, e.g. one over held-out-free histories, to evaluate reasons)."""
-        if self._cooccurrence is None:
-            from towers.explain import CoOccurrence
-
-            known = [[self.index_items.row(i) for i in h if i in self.index_items] for h in self.histories.values()]
-            self._cooccurrence = CoOccurrence(known, len(self.item_ids))
-        return self._cooccurrence
-
-    @cooccurrence.setter
-    def cooccurrence(self, value) -> None:
-        self._cooccurrence = value
-
-    @property
-    def genres(self) -> list[tuple[str, ...]]:
-        """Each index row's genres, lower case (all empty when the index has no ``genres`` column)."""
-        if self._genres is None:
-            from towers.explain import genre_list
-
-            cells = self.items["genres"].to_list() if "genres" in self.items.columns else [None] * len(self.item_ids)
-            self._genres = [genre_list(g if isinstance(g, str) else None) for g in cells]
-        return self._genres
-
-    @property
-    def _genre_vocabulary(self) -> list[str]:
-        return sorted({g for gs in self.genres for g in gs})
-
-    def evidence_rank(self, rows: list[int], target: int, n: int, cooccurrence=None,
-                      exclude_user: int | None = None) -> list[int]:
-        """The ``n`` of ``rows`` with the most evidence for ``target``: co-occurrence strength (``cooccurrence``,
-        default :attr:`cooccurrence`; ``exclude_user`` not counted), then item-embedding cosine, then the most
-        recent (``towers.explain.evidence_order``)."""
-        from towers.explain import evidence_order
-
-        co = self.cooccurrence if cooccurrence is None else cooccurrence
-        order = evidence_order(co.strength(target, rows, exclude_user), self._similarities(rows, target))
-        return [rows[i] for i in order[:n]]
-
-    @property
-    def _text_reranker(self):
-        """The text LM that writes reasons: the reranker's own, or (``rerank.mode: sequence``, which has no text
-        LM) a zero-shot listwise one, built once."""
-        if self.config.rerank.mode != "sequence":
-            return self.reranker
-        if self._text_lm is None:
-            self._text_lm = self.build_reranker(adapter=False, cfg=self._text_config())
-        return self._text_lm
-
-    def _text_config(self):
-        """``rerank`` settings for a text LM (listwise: the sequence mode has no text prompt)."""
-        from configs import LETTER_LABELS
-
-        cfg = self.config.rerank
-        if cfg.mode != "sequence":
-            return cfg
-        return dataclasses.replace(cfg, mode="listwise", candidates=min(cfg.candidates, LETTER_LABELS))
-
-    @property
-    def _title_matcher(self):
-        from towers.explain import TitleMatcher
-
-        if self._matcher is None:
-            self._matcher = TitleMatcher(self.titles)
-        return self._matcher
-
-    def _similarities(self, rows: list[int], target: int) -> np.ndarray | None:
-        """Item-embedding cosine of each of ``rows`` with ``target``; None for an index that cannot give its
-        vectors back. The vectors stored beside the index come first: they cover retired rows too, which the
-        FAISS index does not hold."""
+    def similarities(self, rows: list[int], target: int) -> np.ndarray | None:
+        """Item-embedding cosine of each of ``rows`` with ``target`` (index-table rows); None for an index that
+        cannot give its vectors back. The vectors stored beside the index come first: they cover retired rows
+        too, which the FAISS index does not hold."""
         def vector(r: int) -> np.ndarray:
             if self._stored is not None:
                 return np.asarray(self._stored[r], dtype=np.float32)
@@ -828,42 +484,8 @@ class Recommender:
         try:
             v = np.stack([vector(r) for r in rows + [target]])
         except RuntimeError:
-            logger.warning("index %s cannot reconstruct item vectors; reasons rank history items without them",
+            logger.warning("index %s cannot reconstruct item vectors; history items are ranked without them",
                            self.version.name)
             return None
         v /= np.linalg.norm(v, axis=1, keepdims=True) + 1e-12
         return v[:-1] @ v[-1]
-
-
-def _check_k(k) -> None:
-    """``k`` is an integer from 1 to :data:`MAX_K`."""
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise QueryError(f"k must be an integer, got {type(k).__name__} {k!r}")
-    if k < 1:
-        raise QueryError(f"k must be at least 1, got {k}")
-    if k > MAX_K:
-        raise QueryError(f"k must be at most {MAX_K}, got {k}")
-
-
-def _check_id_type(value, what: str) -> None:
-    """Ids are ints or strings; bools, floats and anything else are refused, never coerced."""
-    if isinstance(value, bool) or not isinstance(value, (str, numbers.Integral)):
-        raise QueryError(f"{what} {value!r} has type {type(value).__name__}; ids are integers or strings")
-
-
-def _as_int(value) -> int | None:
-    """``value`` as an int if it is an int or a canonical integer string (``"42"``, not ``"042"`` or ``"4.0"``)."""
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    text = str(value).strip()
-    digits = text.removeprefix("-")  # isdigit() also takes "²"; int() of thousands of digits is refused
-    if digits.isascii() and digits.isdigit() and len(digits) <= 20 and str(int(text)) == text:
-        return int(text)
-    return None
-
-
-def _id_list(ids, what: str) -> list:
-    """A list of ids from a list/tuple/array; a bare string (``"12"``) is refused, not read as ``["1", "2"]``."""
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
-        raise QueryError(f"{what} must be a list of ids, got {type(ids).__name__} {ids!r}")
-    return list(ids.tolist() if isinstance(ids, np.ndarray) else ids)

@@ -38,7 +38,7 @@ import faiss
 import numpy as np
 import polars as pl
 
-from data.atomic import temp_dir
+from data.atomic import fsync_dir, temp_dir, write_file
 from data.rundir import RunDir
 from errors import IndexStateError
 
@@ -342,15 +342,6 @@ def prune_versions(index_root: Path, keep: int = 3, stale_after_s: float = 3600.
 
 
 # -- durable writes ------------------------------------------------------------------------------------------
-def fsync_dir(path: Path) -> None:
-    """fsync a folder, so a rename into it survives a power loss."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_tree(root: Path) -> None:
     """fsync every file and folder under ``root`` (``root`` included)."""
     for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
@@ -363,16 +354,8 @@ def fsync_tree(root: Path) -> None:
 
 
 def write_durable(path: Path, write) -> None:
-    """Write a file atomically and durably: ``write(tmp)`` fills a sibling, fsync, rename, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write a file atomically and durably (:func:`data.atomic.write_file` with ``durable``)."""
+    write_file(path, write, durable=True)
 
 
 def _recover(index_root: Path) -> str:

@@ -46,10 +46,11 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints, model_validator
 from starlette.exceptions import HTTPException
 
+from data.ids import id_forms
 from errors import CatalogError, ConfigError, MediaError, QueryError, TowerrecError
 from index.recommender import MAX_K
 from serve.live import LiveRecommender, Served
-from serve.media import CatalogMedia, id_forms
+from serve.media import CatalogMedia
 
 logger = logging.getLogger(__name__)
 

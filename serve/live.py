@@ -23,8 +23,8 @@ from pathlib import Path
 
 from data.rundir import RunDir
 from errors import IndexStateError, TowerrecError
-from index.recommender import Recommender
 from index.store import Manifest, live_name
+from rerank.pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +33,12 @@ logger = logging.getLogger(__name__)
 class Served:
     """One loaded index version and what the server needs to answer from it."""
 
-    rec: Recommender
+    rec: Pipeline  # retrieval, then the LLM stages
     name: str  # the version folder's name, as LIVE names it
     manifest: Manifest
     users: list  # every known user id, sorted (the /users listing pages through it)
     loaded_at: float  # unix time the version went live in this process
-    # One query at a time per Recommender: the tokenizers and the LLM's KV cache are not thread-safe, and on
+    # One query at a time per Pipeline: the tokenizers and the LLM's KV cache are not thread-safe, and on
     # CPU one query already uses the cores torch is given. Versions have their own lock, so a version being
     # warmed up never waits for the one being served.
     lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
@@ -84,7 +84,7 @@ class LiveRecommender:
 
     def _load(self, name: str) -> Served:
         t0 = time.perf_counter()
-        rec = Recommender.load(self.run.path, device=self.device, version=name)
+        rec = Pipeline.load(self.run.path, device=self.device, version=name)
         manifest = Manifest.read(self.run.index_root / name / RunDir.MANIFEST)
         users = _sorted_ids(rec.histories)
         if users:  # warm-up: lazy initialisation happens here, not in the first user's request

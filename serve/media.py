@@ -8,6 +8,7 @@ from pathlib import Path
 import polars as pl
 
 from data.catalog import ITEMS_FILE, confined_media_path
+from data.ids import id_forms
 from data.rundir import RunDir
 from errors import TowerrecError
 
@@ -83,20 +84,3 @@ class CatalogMedia:
         return key is not None and key in self.images
 
 
-MAX_INT_DIGITS = 20  # a longer digit string names no int64 id; it is not parsed (int() refuses over 4300 digits)
-
-
-def id_forms(item_id) -> list:
-    """The forms an id may take in a table: as given, as an int (``"42"`` -> 42) and as a string (42 -> ``"42"``).
-
-    Only a canonical ASCII integer string has an int form: ``"042"``, ``"4.0"``, ``"²"`` or ``"١٢"`` do not.
-    """
-    forms = [item_id]
-    if isinstance(item_id, str):
-        text = item_id.strip()
-        digits = text.removeprefix("-")
-        if digits.isascii() and digits.isdigit() and len(digits) <= MAX_INT_DIGITS and str(int(text)) == text:
-            forms.append(int(text))
-    elif isinstance(item_id, int) and not isinstance(item_id, bool):
-        forms.append(str(item_id))
-    return forms

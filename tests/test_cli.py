@@ -18,8 +18,8 @@ import torch
 
 import cli
 from data.catalog import load_catalog
-from index.recommender import Recommender
 from index.store import live_version
+from rerank.pipeline import Pipeline
 
 SUBCOMMANDS = ("prepare", "train", "build-index", "reindex", "query", "train-rerank", "train-reasons", "evaluate",
                "serve")
@@ -130,7 +130,7 @@ def test_query_missing_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
 
 
 def test_query_json(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
-    rec = Recommender.load(tiny_run, device="cpu")
+    rec = Pipeline.load(tiny_run, device="cpu")
     user = sorted(rec.histories)[0]
     code = cli.main(["query", "--run", str(tiny_run), "--user", str(user), "-k", "5", "--rerank", "off",
                      "--device", "cpu", "--json"])
@@ -317,7 +317,7 @@ def test_verbose_after_subcommand_runs(tiny_run: Path, capsys: pytest.CaptureFix
 
 
 def test_query_text_shows_last_ten_history_items(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
-    rec = Recommender.load(tiny_run, device="cpu")
+    rec = Pipeline.load(tiny_run, device="cpu")
     user = next(u for u in sorted(rec.histories) if len(rec.histories[u]) > 12)
     history = rec.history_of(user)
     titles = dict(zip(rec.item_ids, rec.titles))
@@ -333,7 +333,7 @@ def test_query_text_shows_last_ten_history_items(tiny_run: Path, capsys: pytest.
 
 def test_query_filters(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
     """--allow, --deny and --where reach the query; --k above 1000 and an unknown column are one-line errors."""
-    rec = Recommender.load(tiny_run, device="cpu")
+    rec = Pipeline.load(tiny_run, device="cpu")
     user = sorted(rec.histories)[0]
     base = ["query", "--run", str(tiny_run), "--user", str(user), "--rerank", "off", "--device", "cpu", "--json"]
     want = rec.recommend(user_id=user, k=4, rerank=False, allow=[1, 50, 100, 181, 258, 7], deny=[50],

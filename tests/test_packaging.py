@@ -75,7 +75,7 @@ def _env(site: Path) -> dict[str, str]:
 
 
 def test_install_carries_package_data_and_modules(installed: Path) -> None:
-    for pattern in ("configs/*.yaml", "towers/model_configs/*.json", "data/*.py", "towers/*.py", "index/*.py",
+    for pattern in ("configs/*.yaml", "towers/model_configs/*.json", "data/*.py", "towers/*.py", "index/*.py", "rerank/*.py",
                     "train/*.py", "configs/*.py"):
         shipped = sorted(p.relative_to(REPO) for p in REPO.glob(pattern))
         assert shipped, pattern

@@ -11,13 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import uuid
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from data.atomic import write_file
 from data.items import ItemDataset, item_loader, to_device
 from towers.factory import hash_weights
 from towers.hub import cache_dir
@@ -40,13 +39,7 @@ def text_features(model, dataset: ItemDataset, device, batch_size: int = 64, pro
         batch = to_device(batch, device)
         out.append(encoder(batch["text_input_ids"], batch["text_attention_mask"]).float().cpu())
     feats = torch.cat(out) if out else torch.zeros(0, encoder.feature_dim)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        save_file({"features": feats.contiguous()}, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_file(path, lambda tmp: save_file({"features": feats.contiguous()}, str(tmp)))
     return feats
 
 

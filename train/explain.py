@@ -2,7 +2,7 @@
 
 A reason is judged on users' held-out items (an item they really went on to engage with), against the evidence
 of the data the reason may use: the co-occurrence of items in the other users' histories *before* the held-out
-point (``towers.explain.CoOccurrence`` over the training sequences; for the test split, the sequences up to the
+point (``rerank.reasons.CoOccurrence`` over the training sequences; for the test split, the sequences up to the
 validation item), and the catalog's genres. Per reason:
 
 - ``llm``: written by the LM and grounded (else the template fallback);
@@ -12,14 +12,13 @@ validation item), and the catalog's genres. Per reason:
 - ``claims``: it names a genre, and ``claim_precision``: every genre it names is one the recommendation shares
   with an item it cites (the only genre claim the data can back);
 - ``words``: words after the last quote, beyond the titles;
-- latency of one ``Recommender.explain`` call.
+- latency of one ``Pipeline.explain`` call.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import random
 import re
 import time
@@ -34,8 +33,9 @@ import torch
 from data.items import pad_batch
 from data.protocol import Split, held_out
 from errors import QueryError
-from index.recommender import EXPLAIN_CANDIDATES, Recommender
-from towers.explain import (
+from rerank.llm import LLMReranker
+from rerank.pipeline import EXPLAIN_CANDIDATES, Pipeline
+from rerank.reasons import (
     REASONS,
     Ask,
     CoOccurrence,
@@ -45,7 +45,6 @@ from towers.explain import (
     template_reason,
 )
 from towers.progress import tqdm
-from towers.rerank import LLMReranker
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ def held_out_cooccurrence(split: Split, rows: np.ndarray, which: Literal["valid"
     return CoOccurrence([rows[seq[:-cut]] for seq in split.sequences], int(rows.max()) + 1)
 
 
-def evaluate_reasons(rec: Recommender, split: Split, users: Sequence[int], which: Literal["valid", "test"],
+def evaluate_reasons(rec: Pipeline, split: Split, users: Sequence[int], which: Literal["valid", "test"],
                      progress: bool = False, examples: list | None = None) -> dict:
     """Write a reason for each user's held-out item after their history and score it (module docstring).
 
@@ -122,10 +121,10 @@ class ReasonTask:
     prompt: list[int]  # the profile, then the ask's tail
     ask: Ask
     target: list[int]  # the continuation that writes `text`
-    text: str  # the reason the evidence composes (towers.explain.template_reason)
+    text: str  # the reason the evidence composes (rerank.reasons.template_reason)
 
 
-def reason_tasks(rec: Recommender, explainer: Explainer, co: CoOccurrence, split: Split, rows: np.ndarray,
+def reason_tasks(rec: Pipeline, explainer: Explainer, co: CoOccurrence, split: Split, rows: np.ndarray,
                  users: Sequence[int], which: Literal["train", "valid"], positions: int = 1) -> list[ReasonTask]:
     """The reasons the evidence composes for users' held-out items (``train``: their last ``positions`` training
     items, each after the training items before it, the user left out of the co-occurrence; ``valid``: the
@@ -181,9 +180,9 @@ def _written(explainer: Explainer, tasks: Sequence[ReasonTask]) -> dict:
 
 
 def train_reasons(run_dir: str | Path, overrides: Sequence[str] = (), catalog_dir: str | Path | None = None,
-                  device: str = "auto", progress: bool = True, recommender: Recommender | None = None) -> dict:
+                  device: str = "auto", progress: bool = True, recommender: Pipeline | None = None) -> dict:
     """Fine-tune the text LM to write reasons, with LoRA, on training users only; save the adapter into
-    ``run_dir/rerank/reasons.*``, which ``Recommender.explain`` then uses.
+    ``run_dir/rerank/reasons.*``, which ``Pipeline.explain`` then uses.
 
     The target of each training reason is the sentence the data's evidence composes for the user's next
     training item (:func:`reason_tasks`): the two shown history items that co-occur with it most in *other*
@@ -197,14 +196,15 @@ def train_reasons(run_dir: str | Path, overrides: Sequence[str] = (), catalog_di
     """
     from data.protocol import split_catalog
     from data.rundir import RunDir
-    from towers.rerank import write_adapter
-    from train.rerank import adapter_optimizer, rerank_config
+    from rerank.llm import write_adapter
+    from train.adapters import fit_adapter
+    from train.rerank import rerank_config
 
     t_start, cpu_start = time.time(), time.process_time()
     run = RunDir(run_dir).require()
     config = rerank_config(run, None, overrides, "train-reasons")
     cfg = config.rerank
-    rec = recommender or Recommender.load(run.path, device=device)
+    rec = recommender or Pipeline.load(run.path, device=device)
     rec.configure_rerank(**dataclasses.asdict(cfg))
     split = split_catalog(config, run.load_catalog(catalog_dir))
     rng = random.Random(cfg.seed)
@@ -230,61 +230,26 @@ def train_reasons(run_dir: str | Path, overrides: Sequence[str] = (), catalog_di
     rr.add_lora()
     lr = cfg.lr or REASONS_LR
     batch_size = cfg.train_batch or REASONS_BATCH
-    steps_per_epoch = math.ceil(len(train) / batch_size)
-    total = steps_per_epoch * cfg.epochs
-    params, optim, sched = adapter_optimizer(rr, lr, total)
-    eval_every = cfg.eval_every or steps_per_epoch
-    deadline = t_start + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
-    history: list[dict] = []
-    best = {"exact": -1.0, "step": 0, "state": None, "bad": 0}
 
-    def validate(step: int, loss: float) -> bool:
-        rr.eval()
+    def validate(step: int, loss: float) -> tuple[float, dict, None]:
         written = _written(explainer, valid)
-        history.append({"step": step, "loss": loss, "exact": written["exact"],
-                        "seconds": round(time.time() - t_start, 1)})
         logger.info("reasons step %d loss %.4f: %.1f%% of validation reasons exactly as the evidence composes them",
                     step, loss, 100 * written["exact"])
-        rr.train()
-        if written["exact"] > best["exact"]:
-            best.update(exact=written["exact"], step=step, state=rr.adapter_state(), bad=0)
-        else:
-            best["bad"] += 1
-        return best["bad"] >= max(1, cfg.patience)
+        return written["exact"], {"loss": loss, "exact": written["exact"],
+                                  "seconds": round(time.time() - t_start, 1)}, None
 
-    validate(0, float("nan"))
-    step, stop, losses = 0, False, []
-    bar = tqdm(total=total, desc="fine-tuning (reasons)", disable=not progress)
-    for _epoch in range(cfg.epochs):
-        order = rng.sample(range(len(train)), len(train))
-        for start in range(0, len(order), batch_size):
-            optim.zero_grad(set_to_none=True)
-            losses.append(_continuation_loss(rr, [train[i] for i in order[start:start + batch_size]]))
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optim.step()
-            sched.step()
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-            out_of_time = time.time() > deadline
-            if step % eval_every == 0 or out_of_time:
-                stop = validate(step, float(np.mean(losses[-eval_every:]))) or out_of_time
-            if stop:
-                break
-        if stop:
-            break
-    if history[-1]["step"] != step:
-        validate(step, float(np.mean(losses[-eval_every:])))
-    bar.close()
-    rr.load_adapter_state(best["state"])
-    record = {"mode": REASONS, "model": rr.model_ref, "lora": rr.adapter, "best_step": best["step"], "steps": step,
-              "valid_exact": best["exact"], "valid_users": len(valid), "train_reasons": len(train),
+    fit = fit_adapter(rr, train, lambda batch: _continuation_loss(rr, batch), validate, epochs=cfg.epochs,
+                      batch_size=batch_size, lr=lr, eval_every=cfg.eval_every, patience=cfg.patience,
+                      max_minutes=cfg.max_minutes, rng=rng, desc="fine-tuning (reasons)", progress=progress)
+    best, step, history = fit.best, fit.steps, fit.best.history
+    record = {"mode": REASONS, "model": rr.model_ref, "lora": rr.adapter, "best_step": best.step, "steps": step,
+              "valid_exact": best.score, "valid_users": len(valid), "train_reasons": len(train),
               "train_users": len({t.user for t in train}), "train_positions": positions, "train_batch": batch_size,
               "lr": lr, "seconds": round(time.time() - t_start, 1),
               "cpu_seconds": round(time.process_time() - cpu_start, 1), "threads": torch.get_num_threads(),
               "settings": dataclasses.asdict(cfg), "history": history}
     write_adapter(run.path, REASONS, rr.adapter_state(), record)
     logger.info("reasons adapter saved: best step %d of %d, %.1f%% of validation reasons as the evidence composes "
-                "them (zero-shot %.1f%%)", best["step"], step, 100 * best["exact"], 100 * history[0]["exact"])
+                "them (zero-shot %.1f%%)", best.step, step, 100 * best.score, 100 * history[0]["exact"])
     rec.configure_rerank()  # the recommender loads the new adapter on next use
     return record

@@ -9,7 +9,7 @@ lowest-ranked candidate. The candidate order is shuffled at every step against p
 - ``pointwise``: binary cross-entropy on the yes/no log-odds of the true item and ``rerank.negatives`` hard
   negatives drawn from the same top-N, all sharing the history's KV cache.
 - ``sequence``: cross-entropy over the candidates' scores from the item-sequence cross-encoder
-  (``towers/cross_rerank.py``: the user tower's LLM layers, new LoRA adapters and a scoring head), one pass per
+  (``rerank/sequence.py``: the user tower's LLM layers, new LoRA adapters and a scoring head), one pass per
   list. Its lists are cheap (one position per item), so it trains on the last ``SEQUENCE_POSITIONS`` training
   items of every user by default, and only on the lists that hold their target (``missed_targets: auto`` skips
   the others: a target inserted by hand is an odd one out that served lists never have; skipping them, with
@@ -20,7 +20,7 @@ lowest-ranked candidate. The candidate order is shuffled at every step against p
 Early stopping reads the validation NDCG@10 of the reranked top-N as it would be served: ``z(retrieval) +
 w * z(llm)`` with the fusion weight ``w`` that suits that adapter best on the validation users (their validation
 target, history = their training items), never on test. The best adapter and its weight are saved in the run's
-``rerank/`` folder, which ``Recommender`` loads. Step 0 is the zero-shot model (LoRA starts as the identity), so
+``rerank/`` folder, which ``rerank.Pipeline`` loads. Step 0 is the zero-shot model (LoRA starts as the identity), so
 fine-tuning never serves anything worse on validation than the zero-shot reranker.
 
 The helpers that score a list of examples (:func:`retriever_candidates`, :func:`llm_scores`,
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import random
 import time
 from collections.abc import Sequence
@@ -46,10 +45,11 @@ from configs import Config, RerankConfig, config_from_dict
 from data.protocol import Split, list_rank, ranking_metrics, split_catalog
 from data.rundir import RunDir
 from errors import ConfigError, QueryError
-from index.recommender import Recommender
-from towers.cross_rerank import SequenceReranker
+from rerank.llm import LLMReranker, fuse
+from rerank.pipeline import Pipeline
+from rerank.sequence import SequenceReranker
 from towers.progress import tqdm
-from towers.rerank import LLMReranker, fuse
+from train.adapters import fit_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ LLM_ONLY = 100.0
 SEQUENCE_POSITIONS = 16  # rerank.train_positions=0 (auto) in sequence mode: examples per training user
 SEQUENCE_BATCH = 16  # rerank.train_batch=0 (auto) in sequence mode: lists per step
 SEQUENCE_LR = 5e-4  # rerank.lr=0 (auto) in sequence mode
+TEXT_LR = 2e-4  # rerank.lr=0 (auto) in the listwise and pointwise modes
 DEPTH = 20  # metrics are read within the reranked top-N; a target outside it is a miss at every cut-off
 
 
@@ -95,14 +96,14 @@ def held_out_example(split: Split, u: int, which: Literal["train", "valid", "tes
     raise ValueError(f"which must be 'train', 'valid' or 'test', got {which!r}")
 
 
-def item_matrix(rec: Recommender) -> np.ndarray:
+def item_matrix(rec: Pipeline) -> np.ndarray:
     """``(N, D)`` item embeddings in the recommender's row order (kept beside the index, or read back from it)."""
     if rec.vectors is not None:
         return np.asarray(rec.vectors, dtype=np.float32)
     return np.stack([rec.index.reconstruct(int(f)) for f in rec.faiss_ids]).astype(np.float32)
 
 
-def retriever_candidates(rec: Recommender, split: Split, users: Sequence[int], which: Literal["train", "valid", "test"],
+def retriever_candidates(rec: Pipeline, split: Split, users: Sequence[int], which: Literal["train", "valid", "test"],
                          depth: int, batch_size: int = 256, progress: bool = False,
                          positions: int = 1) -> list[Example]:
     """The retriever's exact top-``depth`` for each user's ``which`` history, over the split's items, history
@@ -241,7 +242,7 @@ def rerank_config(run: RunDir, mode: str | None, overrides: Sequence[str], comma
 
 def train_reranker(run_dir: str | Path, mode: Literal["listwise", "pointwise", "sequence"] | None = None,
                    overrides: Sequence[str] = (), catalog_dir: str | Path | None = None, device: str = "auto",
-                   progress: bool = True, recommender: Recommender | None = None) -> RerankResult:
+                   progress: bool = True, recommender: Pipeline | None = None) -> RerankResult:
     """Fine-tune the reranker of a trained run with LoRA and save it into ``run_dir/rerank/<mode>.*``.
 
     Args:
@@ -251,13 +252,13 @@ def train_reranker(run_dir: str | Path, mode: Literal["listwise", "pointwise", "
             ``rerank.max_minutes``, ``rerank.lora_layers``, ...), checked like a config file.
         catalog_dir: the training catalog's new location, if it moved (its content must be unchanged).
         device: ``auto``, ``cpu``, ``cuda``...
-        recommender: an already loaded :class:`Recommender` of ``run_dir`` (its towers and index are reused).
+        recommender: an already loaded :class:`rerank.Pipeline` of ``run_dir`` (its towers and index are reused).
     """
     t_start, cpu_start = time.time(), time.process_time()
     run = RunDir(run_dir).require()
     config = rerank_config(run, mode, overrides)
     cfg: RerankConfig = config.rerank
-    rec = recommender or Recommender.load(run.path, device=device)
+    rec = recommender or Pipeline.load(run.path, device=device)
     rec.configure_rerank(**dataclasses.asdict(cfg))
     split = split_catalog(config, run.load_catalog(catalog_dir))
     rng = random.Random(cfg.seed)
@@ -289,74 +290,36 @@ def train_reranker(run_dir: str | Path, mode: Literal["listwise", "pointwise", "
 
     rr = rec.build_reranker(adapter=False)  # from the base model, even where the run has an adapter already
     rr.add_lora()
-    lr = cfg.lr or (SEQUENCE_LR if cfg.mode == "sequence" else 2e-4)
-    steps_per_epoch = math.ceil(len(train_ex) / batch_size)
-    total = steps_per_epoch * cfg.epochs
-    params, optim, sched = adapter_optimizer(rr, lr, total)
-    eval_every = cfg.eval_every or steps_per_epoch
-    deadline = t_start + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
+    lr = cfg.lr or (SEQUENCE_LR if cfg.mode == "sequence" else TEXT_LR)
 
-    history: list[dict] = []
-    best = {"ndcg": -1.0, "step": 0, "state": None, "scores": None}
+    zero_shot_scores: list[torch.Tensor] = []
 
-    def validate(step: int, loss: float) -> bool:
-        """Score the validation users; keep the adapter if its reranked list (fused with the retrieval score at
-        the weight that suits it best) is the best so far. True = stop (patience)."""
+    def validate(step: int, loss: float) -> tuple[float, dict, list]:
+        """Score the validation users; the step's score is the reranked list's NDCG@10, fused with the retrieval
+        score at the weight that suits it best."""
         scores = llm_scores(rr, valid_ex, rec.titles, progress=False)
+        if step == 0:
+            zero_shot_scores[:] = scores
         alone = rerank_metrics(valid_ex, scores, LLM_ONLY)
         weight, table = tune_weight(valid_ex, scores)
-        history.append({"step": step, "loss": loss, "seconds": round(time.time() - t_start, 1),
-                        "fused_ndcg@10": table[weight], "weight": weight, **alone})
         logger.info("reranker step %d loss %.4f valid ndcg@10 %.4f fused (weight %g), %.4f LLM alone", step, loss,
                     table[weight], weight, alone["ndcg@10"])
-        if table[weight] > best["ndcg"]:
-            best.update(ndcg=table[weight], step=step, state=rr.adapter_state(), scores=scores)
-            best["bad"] = 0
-        else:
-            best["bad"] = best.get("bad", 0) + 1
-        return best["bad"] >= max(1, cfg.patience)
+        return table[weight], {"loss": loss, "seconds": round(time.time() - t_start, 1),
+                               "fused_ndcg@10": table[weight], "weight": weight, **alone}, scores
 
-    validate(0, float("nan"))  # the adapter starts as the identity (LoRA B = 0): the zero-shot reranker
-    zero_shot, zero_shot_scores = history[0], best["scores"]
-    step, stop, losses = 0, False, []
-    rr.train()
-    bar = tqdm(total=total, desc=f"fine-tuning ({cfg.mode})", disable=not progress)
-    for _epoch in range(cfg.epochs):
-        order = rng.sample(range(len(train_ex)), len(train_ex))
-        for start in range(0, len(order), batch_size):
-            batch = [train_ex[i] for i in order[start:start + batch_size]]
-            optim.zero_grad(set_to_none=True)
-            if cfg.mode == "listwise":
-                loss = _listwise_loss(rr, batch, rec.titles, rng)
-            elif cfg.mode == "pointwise":
-                loss = _pointwise_loss(rr, batch, rec.titles, rng, cfg.negatives)
-            else:
-                loss = _sequence_loss(rr, batch)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optim.step()
-            sched.step()
-            step += 1
-            losses.append(loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-            out_of_time = time.time() > deadline
-            if step % eval_every == 0 or out_of_time:
-                stop = validate(step, float(np.mean(losses[-eval_every:])))
-                rr.train()
-            if stop or out_of_time:
-                if out_of_time:
-                    logger.info("reranker fine-tuning stopped at its time cap (rerank.max_minutes=%g)", cfg.max_minutes)
-                stop = True
-                break
-        if stop:
-            break
-    else:
-        if history[-1]["step"] != step:
-            validate(step, float(np.mean(losses[-eval_every:])))
-    bar.close()
-    rr.load_adapter_state(best["state"])
-    rr.eval()
-    weight, table = tune_weight(valid_ex, best["scores"])
+    def step_loss(batch: list[Example]) -> float:
+        if cfg.mode == "listwise":
+            return _listwise_loss(rr, batch, rec.titles, rng)
+        if cfg.mode == "pointwise":
+            return _pointwise_loss(rr, batch, rec.titles, rng, cfg.negatives)
+        return _sequence_loss(rr, batch)
+
+    fit = fit_adapter(rr, train_ex, step_loss, validate, epochs=cfg.epochs, batch_size=batch_size, lr=lr,
+                      eval_every=cfg.eval_every, patience=cfg.patience, max_minutes=cfg.max_minutes, rng=rng,
+                      desc=f"fine-tuning ({cfg.mode})", progress=progress)
+    step, history, best_scores = fit.steps, fit.best.history, fit.best.state[1]
+    zero_shot = history[0]
+    weight, table = tune_weight(valid_ex, best_scores)
     zero_shot_weight, _ = tune_weight(valid_ex, zero_shot_scores)
     rr.weight = weight
     valid = {
@@ -365,15 +328,15 @@ def train_reranker(run_dir: str | Path, mode: Literal["listwise", "pointwise", "
         "zero_shot_llm_alone": {k: v for k, v in zero_shot.items() if "@" in k and not k.startswith("fused")},
         "zero_shot_weight": zero_shot_weight,  # the zero-shot reranker's own tuned fusion weight (for comparison)
         "zero_shot_fused": rerank_metrics(valid_ex, zero_shot_scores, zero_shot_weight),
-        "fine_tuned_llm_alone": rerank_metrics(valid_ex, best["scores"], LLM_ONLY),
-        "fused": rerank_metrics(valid_ex, best["scores"], weight),
+        "fine_tuned_llm_alone": rerank_metrics(valid_ex, best_scores, LLM_ONLY),
+        "fused": rerank_metrics(valid_ex, best_scores, weight),
         "ndcg@10_by_weight": {str(w): v for w, v in table.items()},
-        "two_fold": two_fold_gain(valid_ex, best["scores"], seed=cfg.seed),  # the weight tuned on the other half
+        "two_fold": two_fold_gain(valid_ex, best_scores, seed=cfg.seed),  # the weight tuned on the other half
     }
     seconds = time.time() - t_start
     cpu_seconds = time.process_time() - cpu_start  # every thread's CPU time: on a shared machine, the honest cost
     rr.save_adapter(run.path, {
-        "best_step": best["step"], "steps": step, "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
+        "best_step": fit.best.step, "steps": step, "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
         "threads": torch.get_num_threads(), "train_users": len({e.user for e in train_ex}),
         "train_examples": len(train_ex), "train_positions": positions, "train_batch": batch_size, "lr": lr,
         "missed_targets": missed,
@@ -381,21 +344,10 @@ def train_reranker(run_dir: str | Path, mode: Literal["listwise", "pointwise", "
     })
     logger.info("reranker (%s) saved: best step %d of %d, fusion weight %g, valid ndcg@10 %.4f -> %.4f (%+.1f%%; "
                 "%+.1f%% with the weight tuned on the other half of the users, 5-95%%: %+.1f%% to %+.1f%%)",
-                cfg.mode, best["step"], step, weight, valid["retrieval"]["ndcg@10"], valid["fused"]["ndcg@10"],
+                cfg.mode, fit.best.step, step, weight, valid["retrieval"]["ndcg@10"], valid["fused"]["ndcg@10"],
                 100 * (valid["fused"]["ndcg@10"] / max(valid["retrieval"]["ndcg@10"], 1e-12) - 1),
                 *(100 * valid["two_fold"][k] for k in ("gain", "p5", "p95")))
-    return RerankResult(run.path, cfg.mode, weight, best["step"], step, seconds, valid, history)
-
-
-def adapter_optimizer(model: torch.nn.Module, lr: float, total: int):
-    """``(params, optimizer, scheduler)`` for fine-tuning ``model``'s trainable parameters (its adapters): AdamW
-    without weight decay, the rate warmed up linearly over the first tenth of ``total`` steps, then decayed
-    linearly to 0."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / max(1, total // 10))
-                                              * max(0.0, 1 - s / total))
-    return params, optim, sched
+    return RerankResult(run.path, cfg.mode, weight, fit.best.step, step, seconds, valid, history)
 
 
 def _listwise_loss(rr: LLMReranker, batch: list[Example], titles: Sequence[str], rng: random.Random) -> float:

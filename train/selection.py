@@ -49,3 +49,23 @@ class BestEpoch:
     def load_state_dict(self, saved: dict) -> None:
         self.best, self.epoch, self.bad = saved["best"], saved["epoch"], saved["bad"]
         self.state, self.history = saved["state"], saved["history"]
+
+
+class BestStep:
+    """Model selection for adapter fine-tuning (reranker, reasons): keeps the best-scoring validation step's
+    state and stops after ``patience`` validations without improvement. Step 0 (before any update) counts."""
+
+    def __init__(self, patience: int):
+        self.patience = max(1, patience)
+        self.score, self.step, self.bad, self.state = float("-inf"), 0, 0, None
+        self.history: list[dict] = []
+
+    def update(self, step: int, score: float, state, record: dict) -> bool:
+        """Record a validation (``record``, with ``step`` added); keep ``state()`` (a callable, called only for a
+        new best) when ``score`` beats every earlier one. Returns True when training should stop."""
+        self.history.append({"step": step, **record})
+        if score > self.score:
+            self.score, self.step, self.bad, self.state = score, step, 0, state()
+        else:
+            self.bad += 1
+        return self.bad >= self.patience

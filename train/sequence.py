@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from configs import Config
+from data.atomic import write_file
 from data.protocol import Split, held_out, ranking_metrics, target_ranks
 from towers.factory import TwoTower, trainable_state
 from towers.progress import tqdm
@@ -446,8 +446,6 @@ def calibrate_states(model: TwoTower, bank, windows: Windows, device, seed: int,
 
 
 def save_resume_state(path: Path, state: dict) -> None:
-    """``torch.save`` to a temporary sibling, then rename: an interrupted save never corrupts the last state."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` atomically (:func:`data.atomic.write_file`): an interrupted save never corrupts the last
+    state."""
+    write_file(path, lambda tmp: torch.save(state, tmp))

@@ -17,7 +17,7 @@ from data.rundir import RunDir
 from errors import CatalogError
 from index.build import build_index
 from index.evaluate import evaluate
-from index.recommender import Recommender
+from rerank.pipeline import Pipeline
 from train.loop import train
 
 METRICS = [f"{m}@{k}" for m in ("recall", "ndcg", "mrr") for k in (5, 10, 20)]
@@ -121,7 +121,7 @@ def rewatch_run(tiny_catalog: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def test_rewatched_targets_served_as_in_training(rewatch_run: Path) -> None:
-    rec = Recommender.load(rewatch_run, device="cpu")
+    rec = Pipeline.load(rewatch_run, device="cpu")
     split = split_catalog(rec.config, RunDir(rewatch_run).load_catalog())
     held = [held_out(split, u, "test") for u in range(split.num_users)]
     rewatched = [u for u, (target, history, _) in enumerate(held) if target in set(history.tolist())]

@@ -12,7 +12,8 @@ import logging, sys
 if sys.argv[2] == "verbose":
     logging.basicConfig(level=logging.INFO)
 from index.recommender import Recommender
-rec = Recommender.load(sys.argv[1], device="cpu")
+from rerank.pipeline import Pipeline
+rec = Pipeline.load(sys.argv[1], device="cpu")
 print(len(rec.recommend(user_id=next(iter(rec.histories)), k=3, rerank=True)))
 """
 

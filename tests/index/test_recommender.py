@@ -20,13 +20,14 @@ from data.protocol import leave_one_out
 from data.rundir import RunDir
 from index.build import build_index
 from index.evaluate import evaluate
-from index.recommender import QueryError, Recommender
+from index.recommender import QueryError
 from index.store import IndexStateError, live_version
+from rerank.pipeline import Pipeline
 
 
 @pytest.fixture(scope="module")
-def rec(tiny_run: Path) -> Recommender:
-    return Recommender.load(tiny_run, device="cpu")
+def rec(tiny_run: Path) -> Pipeline:
+    return Pipeline.load(tiny_run, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -36,19 +37,19 @@ def catalog_titles(tiny_catalog: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def item_vectors(rec: Recommender) -> np.ndarray:
+def item_vectors(rec: Pipeline) -> np.ndarray:
     """Every indexed vector, in the recommender's row order (read back from the index by FAISS id)."""
     return np.stack([rec.index.reconstruct(int(f)) for f in rec.faiss_ids])
 
 
 @pytest.fixture(scope="module")
-def users(rec: Recommender) -> list:
+def users(rec: Pipeline) -> list:
     """Three known users with short, medium and long histories."""
     by_len = sorted(rec.histories, key=lambda u: (len(rec.histories[u]), u))
     return [by_len[0], by_len[len(by_len) // 2], by_len[-1]]
 
 
-def _exact_top(rec: Recommender, item_vectors: np.ndarray, history: list, k: int,
+def _exact_top(rec: Pipeline, item_vectors: np.ndarray, history: list, k: int,
                allowed: set | None = None) -> tuple[list, np.ndarray]:
     """Brute-force top-k item ids and scores, history excluded, optionally restricted to ``allowed``."""
     scores = item_vectors @ rec.embed_histories([history])[0]
@@ -58,7 +59,7 @@ def _exact_top(rec: Recommender, item_vectors: np.ndarray, history: list, k: int
     return [rec.item_ids[r] for r in rows], scores[rows]
 
 
-def test_load(rec: Recommender, tiny_run: Path, tiny_catalog: Path) -> None:
+def test_load(rec: Pipeline, tiny_run: Path, tiny_catalog: Path) -> None:
     assert rec.version == live_version(tiny_run / "index")
     assert rec.index.ntotal == load_catalog(tiny_catalog).items.height == 150
     assert rec.config.dim == 32 and rec.index.d == 32
@@ -242,17 +243,17 @@ def test_changed_item_tower_refuses_index(tiny_run: Path, tmp_path: Path) -> Non
     run = _copy_run(tiny_run, tmp_path / "run")
     _perturb(run, "item.fusion.")
     with pytest.raises(IndexStateError, match="fingerprint .*rebuild it with `towerrec build-index`"):
-        Recommender.load(run, device="cpu")
+        Pipeline.load(run, device="cpu")
     # Rebuilding the index for the changed towers makes the run servable again.
     folder = build_index(run, device="cpu", progress=False)
-    rec = Recommender.load(run, device="cpu")
+    rec = Pipeline.load(run, device="cpu")
     assert rec.version == folder and len(rec.recommend(user_id=sorted(rec.histories)[0], k=3, rerank=False)) == 3
 
 
-def test_changed_user_tower_keeps_index(tiny_run: Path, tmp_path: Path, rec: Recommender) -> None:
+def test_changed_user_tower_keeps_index(tiny_run: Path, tmp_path: Path, rec: Pipeline) -> None:
     run = _copy_run(tiny_run, tmp_path / "run")
     _perturb(run, "user.head.")
-    changed = Recommender.load(run, device="cpu")  # the item tower, hence the index, is unchanged
+    changed = Pipeline.load(run, device="cpu")  # the item tower, hence the index, is unchanged
     assert changed.version.name == rec.version.name
     history = rec.history_of(sorted(rec.histories)[0])
     assert not np.allclose(changed.embed_histories([history]), rec.embed_histories([history]))
@@ -270,7 +271,7 @@ def test_load_warns_when_the_training_catalog_changed(tiny_run: Path, tiny_catal
     run = _copy_run(tiny_run, tmp_path / "run")
     RunDir(run).write_catalog_ref(load_catalog(catalog))
     with caplog.at_level(logging.WARNING):
-        Recommender.load(run, device="cpu")
+        Pipeline.load(run, device="cpu")
     assert _catalog_warnings(caplog) == []
     # Re-prepared in place with other data (one interaction fewer).
     src = load_catalog(tiny_catalog)
@@ -278,7 +279,7 @@ def test_load_warns_when_the_training_catalog_changed(tiny_run: Path, tiny_catal
     write_catalog(catalog, src.items, src.interactions.slice(1), media, meta=src.meta, overwrite=True)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        rec = Recommender.load(run, device="cpu")
+        rec = Pipeline.load(run, device="cpu")
     warnings = _catalog_warnings(caplog)
     assert len(warnings) == 1
     assert f"the catalog {catalog.resolve()} changed since run {run} was trained" in warnings[0]
@@ -294,10 +295,10 @@ def test_index_of_another_dimension_refuses(tiny_run: Path, tmp_path: Path) -> N
     data = json.loads(manifest.read_text())
     manifest.write_text(json.dumps(dict(data, dim=64)))
     with pytest.raises(IndexStateError, match="index dimension 64 does not match the towers' dimension 32"):
-        Recommender.load(run, device="cpu")
+        Pipeline.load(run, device="cpu")
 
 
-def test_evaluate_sample(tiny_run: Path, rec: Recommender) -> None:
+def test_evaluate_sample(tiny_run: Path, rec: Pipeline) -> None:
     out = evaluate(tiny_run, users=10, progress=False, recommender=rec)
     assert out["users"] == 10
     assert out["items"] == pl.read_parquet(tiny_run / "id_table.parquet").height
@@ -317,7 +318,7 @@ def test_evaluate_sample(tiny_run: Path, rec: Recommender) -> None:
 
 
 def test_evaluate_all_users_matches_queries_and_training(tiny_run: Path, tiny_catalog: Path,
-                                                         rec: Recommender) -> None:
+                                                         rec: Pipeline) -> None:
     out = evaluate(tiny_run, rerank=False, progress=False, recommender=rec)
     assert "reranked" not in out and out["users"] == 60
     # Recompute the served metrics by hand from public queries.
@@ -355,7 +356,7 @@ def test_string_ids_end_to_end(tiny_catalog: Path, tmp_path: Path) -> None:
     train(load_config("tiny", ["train.epochs=1"]), tmp_path / "catalog", run, progress=False)
     build_index(run, device="cpu", progress=False)
 
-    rec = Recommender.load(run, device="cpu")
+    rec = Pipeline.load(run, device="cpu")
     indexed = pl.read_parquet(live_version(run / "index") / "items.parquet")
     assert indexed["item_id"].dtype == pl.Utf8 and indexed["faiss_id"].n_unique() == 150
     assert sorted(rec.histories)[:3] == ["u1", "u10", "u11"]  # string order, not numeric

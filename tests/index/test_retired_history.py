@@ -20,8 +20,8 @@ import cli
 from data.catalog import load_catalog, write_catalog
 from errors import QueryError
 from index import ann
-from index.recommender import Recommender
 from index.reindex import reindex
+from rerank.pipeline import Pipeline
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +43,11 @@ def retired_run(tiny_run: Path, tiny_catalog: Path, tmp_path_factory) -> tuple[P
 
 
 @pytest.fixture(scope="module")
-def rec(retired_run) -> Recommender:
-    return Recommender.load(retired_run[0], device="cpu")
+def rec(retired_run) -> Pipeline:
+    return Pipeline.load(retired_run[0], device="cpu")
 
 
-def test_fixture_item_is_retired(rec: Recommender, retired_run) -> None:
+def test_fixture_item_is_retired(rec: Pipeline, retired_run) -> None:
     """The item is a row of the version (a history may name it) with a stored vector, but not in the FAISS index."""
     gone = retired_run[1]
     row = rec.index_items.row(gone)
@@ -74,7 +74,7 @@ def test_exclusion_lists_of_unsearchable_items_only() -> None:
 
 
 @pytest.mark.parametrize("rerank", [False, True])
-def test_history_of_only_retired_items_gets_recommendations(rec: Recommender, retired_run, rerank: bool) -> None:
+def test_history_of_only_retired_items_gets_recommendations(rec: Pipeline, retired_run, rerank: bool) -> None:
     gone = retired_run[1]
     out = rec.recommend(history=[gone], k=5, rerank=rerank)
     assert len(out) == 5 and gone not in {r.item_id for r in out}
@@ -88,7 +88,7 @@ def test_history_of_only_retired_items_gets_recommendations(rec: Recommender, re
     assert [len(b) for b in batch] == [3, 3]
 
 
-def test_history_of_only_retired_items_with_explain(rec: Recommender, retired_run, caplog) -> None:
+def test_history_of_only_retired_items_with_explain(rec: Pipeline, retired_run, caplog) -> None:
     """Reasons rank the history by evidence from the retired item's stored vector (no fallback warning)."""
     gone = retired_run[1]
     with caplog.at_level(logging.WARNING, logger="index.recommender"):
@@ -96,11 +96,11 @@ def test_history_of_only_retired_items_with_explain(rec: Recommender, retired_ru
     assert len(out) == 3
     assert all(r.reason and r.reason_source in ("llm", "template") and set(r.reason_cites) <= {gone} for r in out)
     assert not [r for r in caplog.records if r.name == "index.recommender"], caplog.text
-    sims = rec._similarities([rec.index_items.row(gone)], rec.index_items.row(out[0].item_id))
+    sims = rec.similarities([rec.index_items.row(gone)], rec.index_items.row(out[0].item_id))
     assert sims is not None and -1.0 <= float(sims[0]) <= 1.0
 
 
-def test_known_user_with_a_retired_item_in_the_history(rec: Recommender, retired_run) -> None:
+def test_known_user_with_a_retired_item_in_the_history(rec: Pipeline, retired_run) -> None:
     gone = retired_run[1]
     users = [u for u, h in rec.histories.items() if gone in h]
     assert users
@@ -108,7 +108,7 @@ def test_known_user_with_a_retired_item_in_the_history(rec: Recommender, retired
         assert len(recs) == 5 and gone not in {r.item_id for r in recs}
 
 
-def test_similar_to_a_retired_item_uses_its_stored_vector(rec: Recommender, retired_run) -> None:
+def test_similar_to_a_retired_item_uses_its_stored_vector(rec: Pipeline, retired_run) -> None:
     """similar(retired): the nearest searchable items to the vector the version keeps for it."""
     gone = retired_run[1]
     out = rec.similar(gone, k=5)
@@ -118,16 +118,16 @@ def test_similar_to_a_retired_item_uses_its_stored_vector(rec: Recommender, reti
     assert len(filtered) == 3 and all(r.item_id > 100 and r.item_id != out[0].item_id for r in filtered)
 
 
-def test_similar_to_a_retired_item_without_a_stored_vector_says_so(rec: Recommender, retired_run,
+def test_similar_to_a_retired_item_without_a_stored_vector_says_so(rec: Pipeline, retired_run,
                                                                    monkeypatch) -> None:
     """Where the version keeps no vectors beside the index, a retired item has none to search from."""
     gone = retired_run[1]
-    monkeypatch.setattr(rec, "_stored", None)
+    monkeypatch.setattr(rec.retriever, "_stored", None)
     with pytest.raises(QueryError, match=rf"^item {gone} is retired: it left the catalog.* has no vector"):
         rec.similar(gone, k=3)
 
 
-def test_unknown_item_message_names_the_catalog_not_a_field(rec: Recommender) -> None:
+def test_unknown_item_message_names_the_catalog_not_a_field(rec: Pipeline) -> None:
     with pytest.raises(QueryError) as err:
         rec.similar(99999)
     assert str(err.value) == f"unknown item_id 99999: not in the catalog of index {rec.version.name}"

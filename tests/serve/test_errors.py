@@ -9,8 +9,8 @@ import re
 
 import pytest
 
+from data.ids import id_forms
 from serve.api import CatchBugs
-from serve.media import id_forms
 
 
 def test_a_bug_is_logged_once(server, monkeypatch, caplog: pytest.LogCaptureFixture) -> None:

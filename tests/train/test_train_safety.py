@@ -18,7 +18,7 @@ import cli
 from configs import load_config
 from data.rundir import RunDir, owner_record
 from errors import CheckpointError, ConfigError
-from towers.rerank import read_adapter, write_adapter
+from rerank.llm import read_adapter, write_adapter
 from train.loop import train
 
 TINY = ["--config", "tiny", "--set", "train.epochs=1", "--quiet"]

@@ -38,7 +38,7 @@ from torch import nn
 from configs import RerankConfig
 from data.rundir import RunDir
 from errors import CheckpointError, ConfigError, QueryError
-from towers.rerank import fuse, lora_settings, read_adapter, wrap_lora, write_adapter
+from rerank.llm import fuse, lora_settings, read_adapter, wrap_lora, write_adapter
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from torch import nn
 from configs import RerankConfig, load_config
 from data.profiles import ProfileBuilder
 from errors import CheckpointError, ConfigError, ModelLoadError, QueryError
+from rerank.llm import LLMReranker, _zscore, cache_kwarg
 from towers.hub import load_tokenizer
-from towers.rerank import LLMReranker, _zscore, cache_kwarg
 
 MODEL = load_config("tiny").user.model  # random:tiny-decoder
 TITLES = [

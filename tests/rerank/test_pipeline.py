@@ -1,4 +1,4 @@
-"""Reranking through the Recommender only reorders what it was given (both modes), and personalised reasons
+"""Reranking through the Pipeline only reorders what it was given (both modes), and personalised reasons
 name only items of the user's history (the LM is constrained, checked, and replaced by a template if need be)."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import pytest
 
 import cli
 from errors import ConfigError, QueryError
-from index.recommender import EXPLAIN_CANDIDATES, Recommender
-from towers.explain import Ask, Explainer, TitleMatcher, ground, normalise_title, template_reason
+from rerank.pipeline import EXPLAIN_CANDIDATES, Pipeline
+from rerank.reasons import Ask, Explainer, TitleMatcher, ground, normalise_title, template_reason
 
 
 @pytest.mark.parametrize("mode", ["pointwise", "listwise"])
-def test_rerank_only_reorders_what_it_was_given(rec: Recommender, user, mode: str) -> None:
+def test_rerank_only_reorders_what_it_was_given(rec: Pipeline, user, mode: str) -> None:
     rec.configure_rerank(mode=mode, permutations=2)
     depth = rec.config.rerank.candidates  # 10 in the tiny setup
     history = rec.history_of(user)
@@ -38,7 +38,7 @@ def test_rerank_only_reorders_what_it_was_given(rec: Recommender, user, mode: st
     rec.configure_rerank(mode="pointwise", permutations=1)
 
 
-def test_configure_rerank_is_checked(rec: Recommender) -> None:
+def test_configure_rerank_is_checked(rec: Pipeline) -> None:
     with pytest.raises(ConfigError, match="rerank.mode: must be one of"):
         rec.configure_rerank(mode="generative")
     with pytest.raises(ConfigError, match="unknown key"):
@@ -63,7 +63,7 @@ def test_title_matching() -> None:
     assert ground('Because you watched "Heat", in the heat of summer.', matcher, history) == [1]
 
 
-def test_reasons_cite_only_the_history(rec: Recommender, user) -> None:
+def test_reasons_cite_only_the_history(rec: Pipeline, user) -> None:
     recs = rec.recommend(user_id=user, k=4, rerank=False)
     history = rec.history_of(user)
     reasons = rec.explain(user, recs)
@@ -79,7 +79,7 @@ def test_reasons_cite_only_the_history(rec: Recommender, user) -> None:
     # EXPLAIN_CANDIDATES history items (of those its prompt shows) that rank first by co-occurrence, then by
     # item-embedding similarity.
     shown = list(dict.fromkeys(rec.reranker.history.build(rows).items))
-    # (The tiny run's random LM writes none that passes towers.explain.check_reason: tests/towers/test_reason_checks.py)
+    # (The tiny run's random LM writes none that passes rerank.reasons.check_reason: tests/rerank/test_reason_checks.py)
     written = [(r, x) for r, x in zip(recs, reasons) if x.source == "llm"]
     for r, x in written:
         near = rec.evidence_rank(shown, rec.index_items.row(r.item_id), EXPLAIN_CANDIDATES)
@@ -92,7 +92,7 @@ def test_reasons_cite_only_the_history(rec: Recommender, user) -> None:
     assert all(r.source == "template" and len(r.cites) == 2 for r in templates)
 
 
-def test_constrained_generation_quotes_history_titles(rec: Recommender, user) -> None:
+def test_constrained_generation_quotes_history_titles(rec: Pipeline, user) -> None:
     """Whatever the LM writes inside quotes is a whole title of the history it was shown."""
     rr = rec.reranker
     profile = rr.history.build(rec._rows(rec.history_of(user)))
@@ -106,7 +106,7 @@ def test_constrained_generation_quotes_history_titles(rec: Recommender, user) ->
         assert quoted and set(quoted) <= allowed, text
 
 
-def test_template_cites_the_history_items_with_the_most_evidence(rec: Recommender, user, monkeypatch) -> None:
+def test_template_cites_the_history_items_with_the_most_evidence(rec: Pipeline, user, monkeypatch) -> None:
     """A reason naming an unseen item, citing nothing, or claiming a genre the data does not back is replaced by
     the template over the two history items with the most evidence: co-occurrence first, then similarity."""
     history = rec.history_of(user)
@@ -142,7 +142,7 @@ def test_template_cites_the_history_items_with_the_most_evidence(rec: Recommende
     assert reasons[0].text == template_reason([rec.titles[rec.index_items.row(i)] for i in want], shared)
 
 
-def test_recommend_with_explain(rec: Recommender, user) -> None:
+def test_recommend_with_explain(rec: Pipeline, user) -> None:
     """explain=True on recommend and recommend_batch attaches the reasons :meth:`explain` gives, in order."""
     recs = rec.recommend(user_id=user, k=3, rerank=False, explain=True)
     plain = rec.recommend(user_id=user, k=3, rerank=False)
@@ -159,7 +159,7 @@ def test_recommend_with_explain(rec: Recommender, user) -> None:
     assert all(r.reason_source in ("llm", "template") and set(r.reason_cites) <= set(history) for r in new_user)
 
 
-def test_explain_input_errors(rec: Recommender, user) -> None:
+def test_explain_input_errors(rec: Pipeline, user) -> None:
     with pytest.raises(QueryError, match="unknown user_id"):
         rec.explain("no-such-user", [1])
     with pytest.raises(QueryError, match="unknown item_id .* in recommendations"):
@@ -169,7 +169,7 @@ def test_explain_input_errors(rec: Recommender, user) -> None:
     assert rec.explain(user, []) == []
 
 
-def test_cli_query_explain(tiny_run: Path, rec: Recommender, user, capsys) -> None:
+def test_cli_query_explain(tiny_run: Path, rec: Pipeline, user, capsys) -> None:
     argv = ["query", "--run", str(tiny_run), "--user", str(user), "-k", "2", "--rerank", "off", "--explain",
             "--device", "cpu"]
     assert cli.main([*argv, "--json"]) == 0
@@ -179,3 +179,36 @@ def test_cli_query_explain(tiny_run: Path, rec: Recommender, user, capsys) -> No
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("Because you watched") == 2
+
+
+def test_the_recommender_alone_retrieves_and_names_the_pipeline(tiny_run: Path, user) -> None:
+    """index/ holds retrieval only: a bare Recommender answers rerank=False as the pipeline's retrieval does, and
+    asking it for an LLM stage is one clear error that names the pipeline."""
+    from index.recommender import Recommender
+
+    bare = Recommender.load(tiny_run, device="cpu")
+    pipeline = Pipeline(bare)
+    plain = bare.recommend(user_id=user, k=5)
+    assert [r.item_id for r in plain] == [r.item_id for r in pipeline.recommend(user_id=user, k=5, rerank=False)]
+    assert [r.item_id for r in bare.recommend(user_id=user, k=5, rerank=False, explain=False)] == \
+        [r.item_id for r in plain]
+    for stage in ("rerank", "explain"):
+        with pytest.raises(QueryError, match=rf"^{stage}=True: a Recommender only retrieves; the LLM stages are "
+                                             r"rerank\.Pipeline's"):
+            bare.recommend(user_id=user, k=5, **{stage: True})
+    reranked = pipeline.recommend(user_id=user, k=5, rerank=True)
+    assert all(r.rerank_score is not None for r in reranked)
+    assert reranked.version == plain.version
+
+
+def test_index_never_imports_rerank_or_train() -> None:
+    """The layers run one way: nothing under index/ imports rerank/ or train/ (checked on the source)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[2] / "index"
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert name.split(".")[0] not in {"rerank", "train", "serve"}, f"{path.name} imports {name}"

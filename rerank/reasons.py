@@ -21,7 +21,7 @@ another action/crime pick.``
 Every reason is then checked (:func:`check_reason`, :func:`ground`, :func:`genre_claims`): it must be one finished
 sentence of at most ``MAX_REASON_WORDS`` words besides its titles, quote only exact titles of the history (the
 catalog's strings, case and spacing included), and be written, outside those quotes, in plain lowercase words
-of its evidence or of :data:`towers.reason_words.COMMON_WORDS` (an LM with random or degenerate weights writes
+of its evidence or of :data:`rerank.reason_words.COMMON_WORDS` (an LM with random or degenerate weights writes
 word pieces that fail this); it must cite at least one history item, no title it names, quoted or not, may be
 outside the history, and every genre it names must be one the recommendation shares with an item it cites. A
 reason that fails is replaced by :func:`template_reason` over the two history items with the most evidence, so no
@@ -40,8 +40,8 @@ import torch
 from transformers import LogitsProcessor
 
 from errors import ModelLoadError
-from towers.reason_words import COMMON_WORDS
-from towers.rerank import LLMReranker
+from rerank.llm import LLMReranker
+from rerank.reason_words import COMMON_WORDS
 
 PROMPT = ('Recommended next: "{title}"{about}\nRelated items this user watched (genres in common): {related}\nIn one '
           'short sentence, say why this user will like it, citing one or two of those items.\nReason: Because you '
@@ -144,7 +144,7 @@ def check_reason(text: str, titles: Sequence[str], evidence: Sequence[str] = ())
     - outside the quotes, hold letters and sentence punctuation only (no digits, brackets, symbols or other
       scripts), at most ``MAX_REASON_WORDS`` words, each lowercase (the first word, and words spelt so in
       ``titles`` or ``evidence``, may be capitalised) and each a word of the prompt, of ``titles``, of
-      ``evidence`` or of :data:`towers.reason_words.COMMON_WORDS`.
+      ``evidence`` or of :data:`rerank.reason_words.COMMON_WORDS`.
 
     A greedy text from random weights (word pieces, sub-word fragments, ``[unused]`` tokens, numbers, profanity)
     fails the last check with near certainty: a random piece of a 30k-262k vocabulary is rarely a whole plain

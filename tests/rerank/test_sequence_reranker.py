@@ -16,8 +16,8 @@ import cli
 from configs import load_config
 from errors import CheckpointError, ConfigError, QueryError
 from index.build import build_index
-from index.recommender import Recommender
-from towers.cross_rerank import SequenceReranker
+from rerank.pipeline import Pipeline
+from rerank.sequence import SequenceReranker
 from train.loop import train
 from train.rerank import WEIGHTS, train_reranker
 
@@ -37,12 +37,12 @@ def items_run(tiny_catalog: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 @pytest.fixture(scope="module")
-def rec(items_run: Path) -> Recommender:
-    return Recommender.load(items_run, device="cpu")
+def rec(items_run: Path) -> Pipeline:
+    return Pipeline.load(items_run, device="cpu")
 
 
 @pytest.fixture(scope="module")
-def scorer(rec: Recommender) -> SequenceReranker:
+def scorer(rec: Pipeline) -> SequenceReranker:
     """A sequence reranker with non-trivial adapters, marker and head (seeded), in eval mode."""
     rec.configure_rerank(mode="sequence")
     rr = rec.build_reranker(adapter=False)
@@ -96,7 +96,7 @@ def test_bad_input_is_named(scorer: SequenceReranker, tiny_run: Path) -> None:
         scorer.score_rows([[]], [[1, 2]])
     with pytest.raises(QueryError, match="candidate list 1 is empty"):
         scorer.score_rows([[1], [2]], [[3], []])
-    text = Recommender.load(tiny_run, device="cpu")  # the text-profile user tower
+    text = Pipeline.load(tiny_run, device="cpu")  # the text-profile user tower
     text.configure_rerank(mode="sequence")
     with pytest.raises(ConfigError, match="item-sequence user tower"):
         text.build_reranker()
@@ -104,7 +104,7 @@ def test_bad_input_is_named(scorer: SequenceReranker, tiny_run: Path) -> None:
 
 def test_fine_tune_serve_and_refuse_after_retraining(items_run: Path, tmp_path: Path, capsys) -> None:
     run = Path(shutil.copytree(items_run, tmp_path / "run"))
-    rec = Recommender.load(run, device="cpu")
+    rec = Pipeline.load(run, device="cpu")
     rec.configure_rerank(mode="sequence")
     with pytest.raises(CheckpointError, match="train-rerank --run .* --mode sequence"):
         rec.build_reranker()  # nothing to serve before fine-tuning
@@ -122,7 +122,7 @@ def test_fine_tune_serve_and_refuse_after_retraining(items_run: Path, tmp_path: 
     assert record["lr"] == 5e-4 and record["train_batch"] == 8  # rerank.lr=0: the sequence mode's own rate
     # step 0 is the retriever's own order: the head starts at zero
     assert record["history"][0]["fused_ndcg@10"] == result.valid["retrieval"]["ndcg@10"]
-    served = Recommender.load(run, device="cpu")
+    served = Pipeline.load(run, device="cpu")
     served.configure_rerank(mode="sequence")
     assert served.reranker.trained is not None and served.reranker.weight == result.weight
     assert cli.main(query) == 0
@@ -148,13 +148,13 @@ def test_fine_tune_serve_and_refuse_after_retraining(items_run: Path, tmp_path: 
     with safe_open(str(weights), framework="pt") as f:
         meta = f.metadata()
     save_file(state, str(weights), metadata=meta)
-    stale = Recommender.load(run, device="cpu")
+    stale = Pipeline.load(run, device="cpu")
     stale.configure_rerank(mode="sequence")
     with pytest.raises(CheckpointError, match="another user tower"):
         stale.build_reranker()
 
 
-def test_sequence_training_step_lowers_the_loss(scorer: SequenceReranker, rec: Recommender) -> None:
+def test_sequence_training_step_lowers_the_loss(scorer: SequenceReranker, rec: Pipeline) -> None:
     """A few steps on one batch fit it: the cross-encoder can learn which candidate follows a history."""
     from train.rerank import Example, _sequence_loss
 

@@ -1,4 +1,4 @@
-"""A reason the LM writes is served as its own only when it passes towers.explain.check_reason: exact history
+"""A reason the LM writes is served as its own only when it passes rerank.reasons.check_reason: exact history
 titles, nothing else quoted, one short finished sentence of plain words. Word salad (what the tiny run's random
 LM writes) and a title the tokenizer lower-cased fall back to the template."""
 
@@ -12,8 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from index.recommender import EXPLAIN_CANDIDATES, Recommender
-from towers.explain import (
+from rerank.pipeline import EXPLAIN_CANDIDATES, Pipeline
+from rerank.reason_words import COMMON_WORDS
+from rerank.reasons import (
     MAX_REASON_WORDS,
     OPENING,
     Ask,
@@ -21,7 +22,6 @@ from towers.explain import (
     check_reason,
     template_reason,
 )
-from towers.reason_words import COMMON_WORDS
 
 HISTORY = ["Titanic (1997)", "Heat (1995)", "Godfather, The (1972)", "One Flew Over the Cuckoo's Nest (1975)"]
 GENRES = ("action", "crime", "drama", "sci-fi", "film-noir", "children's")
@@ -101,13 +101,13 @@ def test_the_template_sentence_always_passes(catalog_titles: list[str], data) ->
 
 
 @pytest.fixture(scope="module")
-def rec(tiny_run: Path) -> Recommender:
-    return Recommender.load(tiny_run, device="cpu")
+def rec(tiny_run: Path) -> Pipeline:
+    return Pipeline.load(tiny_run, device="cpu")
 
 
 @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_random_word_pieces_are_refused(rec: Recommender, data) -> None:
+def test_random_word_pieces_are_refused(rec: Pipeline, data) -> None:
     """Any 5 to 30 tokens of the tiny LM's vocabulary after an exact title: refused (random text is not plain
     English)."""
     tok = rec.reranker.tokenizer
@@ -124,7 +124,7 @@ def test_plain_words_are_few_and_clean() -> None:
     assert all(re.fullmatch(r"[a-z]+(?:['-][a-z]+)*", w) for w in COMMON_WORDS)
 
 
-def test_tiny_runs_random_lm_falls_back_to_the_template(rec: Recommender) -> None:
+def test_tiny_runs_random_lm_falls_back_to_the_template(rec: Pipeline) -> None:
     """explain=True on the tiny run: the random LM's texts fail the checks, so every reason is the template."""
     user = sorted(rec.histories)[0]
     history = rec.history_of(user)
@@ -144,7 +144,7 @@ def test_tiny_runs_random_lm_falls_back_to_the_template(rec: Recommender) -> Non
                for r in served)
 
 
-def test_explain_serves_only_checked_llm_reasons(rec: Recommender, monkeypatch) -> None:
+def test_explain_serves_only_checked_llm_reasons(rec: Pipeline, monkeypatch) -> None:
     """Through Recommender.explain: an exact, plain reason is the LM's; the same with the title lower-cased, or
     with a word of salad, is replaced by the template."""
     user = sorted(rec.histories)[0]

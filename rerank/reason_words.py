@@ -1,7 +1,7 @@
 """The plain English a reason may be written in, besides the words of its own evidence.
 
 A reason is one short sentence in a narrow register: ``Because you watched "X" and "Y": another crime pick.``
-:func:`towers.explain.check_reason` accepts a word outside the quoted titles only if it is one of these, or a
+:func:`rerank.reasons.check_reason` accepts a word outside the quoted titles only if it is one of these, or a
 word of the prompt, the recommendation's title, the history's titles or the catalog's genres. The list holds
 function words (articles, pronouns, prepositions, conjunctions, auxiliaries), the verbs and nouns of engaging with
 items of any catalog (watched, listened, read, played; film, episode, song, book) and the adjectives a
