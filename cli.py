@@ -187,7 +187,7 @@ def cmd_train_rerank(args) -> None:
 
 
 def cmd_train_reasons(args) -> None:
-    from train.explain import train_reasons
+    from train.reasons import train_reasons
 
     r = train_reasons(args.run, overrides=args.set, catalog_dir=args.catalog, device=args.device,
                       progress=not (args.quiet or args.json))

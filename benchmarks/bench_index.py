@@ -21,8 +21,8 @@ import faiss
 import numpy as np
 from faiss.contrib.datasets import SyntheticDataset
 
-from index import ann
 from index.store import build_faiss
+from index.tuning import autotune, exact_top, recall_at
 
 FACTORIES = ("Flat", "IVF4096,Flat", "IVF4096,PQ32", "IVF4096,PQ32,RFlat", "IVF1024,PQ64x4fs,RFlat", "HNSW32")
 
@@ -74,15 +74,15 @@ def main() -> None:
         t0 = time.time()
         index = build_faiss(xb, ids, factory)
         build_s = time.time() - t0
-        tuning = ann.autotune(index, xb, args.target, k=10, queries=tune_queries, n_queries=1000)
+        tuning = autotune(index, xb, args.target, k=10, queries=tune_queries, n_queries=1000)
         search_s, (_, found) = best_time(functools.partial(index.search, xq, 10), args.repeat)
         if factory == "Flat":
             exact_s, truth = search_s, found
         if truth is None:  # exact search first, in this same run
-            truth = ann.exact_top(xb, xq, 10)
+            truth = exact_top(xb, xq, 10)
             exact_s, _ = best_time(functools.partial(faiss.knn, xq, xb, 10, metric=faiss.METRIC_INNER_PRODUCT),
                                    args.repeat)
-        recall = ann.recall_at(found, truth)
+        recall = recall_at(found, truth)
         rows.append((factory, build_s, tuning, recall, args.nq / search_s, exact_s / search_s))
         knobs = ", ".join(f"{k}={v}" for k, v in tuning.knobs.items()) or "-"
         print(f"{factory:<22} built {build_s:7.1f}s  {knobs:<24} recall@10 {recall:.3f}  "

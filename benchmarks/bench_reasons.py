@@ -1,7 +1,7 @@
 """Personalised reasons: how grounded, how informative and how fast, zero-shot and fine-tuned.
 
 For a seeded sample of validation (or test) users, ``Pipeline.explain`` writes a reason for the item each user
-really engaged with next, after their history; ``train.explain.evaluate_reasons`` scores it against the evidence
+really engaged with next, after their history; ``train.reasons.evaluate_reasons`` scores it against the evidence
 the data holds before that point (co-occurrence in other users' histories, the catalog's genres)::
 
     python benchmarks/bench_reasons.py --run RUN [--split valid] [--users 150] [--variants zero-shot,fine-tuned]
@@ -32,7 +32,7 @@ def main() -> None:
     from data.protocol import split_catalog
     from data.rundir import RunDir
     from rerank.pipeline import Pipeline
-    from train.explain import evaluate_reasons
+    from train.reasons import evaluate_reasons
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="a trained run with a built index")

@@ -26,6 +26,7 @@ from data.ids import ItemSpace
 from index import ann
 from index.recommender import Recommender
 from index.store import build_faiss
+from index.tuning import autotune
 
 CLOCK = time.process_time  # see --clock
 
@@ -103,7 +104,7 @@ def main() -> None:
     rows = []
     for factory in args.factories:
         index = build_faiss(xb, ids, factory)
-        ann.autotune(index, xb, 0.95, n_queries=500)  # sets the tuned knobs on the index itself
+        autotune(index, xb, 0.95, n_queries=500)  # sets the tuned knobs on the index itself
         rec = retrieval_only(index)
         assert (ids[rec.search_vectors(xq[:5], args.k).rows] == index.search(xq[:5], args.k)[1]).mean() > 0.99
         t = measure(index, rec, xq, args.k, args.repeat)

@@ -36,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data.atomic import write_text  # noqa: E402
+from data.catalog import META_FILE  # noqa: E402
+from data.rundir import RunDir  # noqa: E402
 
 METRICS = ("recall@10", "ndcg@10", "mrr@10")
 ORDER = ("pop", "peer", "sasrec", "default")  # row order within a catalog; other setups follow by name
@@ -74,7 +76,7 @@ def train_row(engine: Path, catalog: str, setup: str, overrides: list[str], run:
     return {"valid": pick(result["valid"]), "test": pick(result["test_retrieval"]), "minutes": round(minutes, 1),
             "best_epoch": result["best_epoch"], "refit_epochs": result.get("refit_epochs", 0),
             "command": shlex.join(shown), "commit": engine_commit(engine),
-            "epochs": len(json.loads((run / "metrics.json").read_text())["history"])}
+            "epochs": len(json.loads((run / RunDir.METRICS).read_text())["history"])}
 
 
 def engine_commit(engine: Path) -> str:
@@ -131,7 +133,7 @@ def without_test(catalog: str, out: Path) -> str:
     items = source.items.drop(["image_path", "audio_path"], strict=False).with_columns(
         pl.lit(None, pl.String).alias("image_path"), pl.lit(None, pl.String).alias("audio_path"))  # no media
     write_catalog(out, items, interactions, meta={"source": f"{catalog} without each user's test item"},
-                  overwrite=(out / "catalog.json").exists())  # rebuilt each time: the source may have changed
+                  overwrite=(out / META_FILE).exists())  # rebuilt each time: the source may have changed
     return str(out)
 
 

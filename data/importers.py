@@ -20,19 +20,17 @@ from pathlib import Path
 import polars as pl
 
 from data.catalog import (
-    COLUMN_KINDS,
     INTERACTION_COLUMNS,
     ITEM_COLUMNS,
     MEDIA_DIR,
     Catalog,
     check_catalog_out,
-    check_column_types,
     not_a_file,
     read_table,
-    require_columns,
     validate_items,
     write_catalog,
 )
+from data.columns import COLUMN_KINDS, check_column_types, require_columns
 from data.ids import as_item_ids
 from errors import CatalogError
 

@@ -71,6 +71,7 @@ class RunDir:
     INDEX_VECTORS = "vectors.npy"  # (N, D) float32 item embeddings, index-table order (item-sequence user input)
     INDEX_EMBEDDINGS = "embeddings"  # folder of Parquet parts: the export format (item_id, vector, fingerprint, ...)
     MANIFEST = "manifest.json"
+    INDEX_TUNING = "search.json"  # the auto-tuned search knobs and the recall they reached (index.tuning)
     # Inside index/: the work folder of a reindex in progress (one per plan), its plan and its chunks.
     REINDEX_WORK = ".reindex-"
     REINDEX_PLAN = "plan.json"

@@ -17,7 +17,7 @@ def build_index(run_dir: str | Path, catalog_dir: str | Path | None = None, fact
     """Embed every item of the catalog and write a new live index version; returns its folder.
 
     The catalog is ``catalog_dir``, else the one the live version was built from, else (no index yet) the
-    run's training catalog, hash-checked (see :func:`index.reindex.choose_catalog`). Items that were not in
+    run's training catalog, hash-checked (see :func:`index.plan.choose_catalog`). Items that were not in
     training get no id vector (cold start) and are embedded from their content. Items of the run's training
     catalog that are not in the catalog stay as retired rows (never recommended; a history holding them still
     embeds). The work is chunked and resumable, and older versions are pruned: see

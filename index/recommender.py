@@ -38,6 +38,7 @@ from index.results import (  # noqa: F401 (MAX_K, Recommendation, Results and Hi
     retrieval_only,
 )
 from index.store import is_version_name, live_version, read_vectors, read_version
+from index.tuning import autotune, read_tuning, write_tuning
 from index.where import where_mask
 from towers.device import resolve_device
 from towers.factory import TwoTower, item_fingerprint, load_towers
@@ -45,6 +46,9 @@ from towers.hub import load_tokenizer
 from towers.sequence import ProfilePrefixes, title_table
 
 logger = logging.getLogger(__name__)
+
+EMBED_BATCH = 256  # histories per user-tower pass when embedding item sequences
+WHERE_CACHE = 64  # SQL `where` masks kept per recommender (the oldest goes first)
 
 
 class Recommender:
@@ -166,9 +170,9 @@ class Recommender:
             prefixes = ProfilePrefixes(self.model, self.builder, self.tokenizer.pad_token_id,
                                        self.config.user.batch_size)
         out = []
-        for start in range(0, len(rows_of), 256):
-            chunk = [np.asarray(r[-max_len:], dtype=np.int64) for r in rows_of[start:start + 256]]
-            prefix = None if prefixes is None else prefixes([r[:-max_len] for r in rows_of[start:start + 256]])
+        for start in range(0, len(rows_of), EMBED_BATCH):
+            chunk = [np.asarray(r[-max_len:], dtype=np.int64) for r in rows_of[start:start + EMBED_BATCH]]
+            prefix = None if prefixes is None else prefixes([r[:-max_len] for r in rows_of[start:start + EMBED_BATCH]])
             width = max(len(r) for r in chunk)
             x = np.zeros((len(chunk), width, dim), dtype=np.float32)  # (B, T, D)
             mask = np.zeros((len(chunk), width), dtype=np.int64)
@@ -358,7 +362,7 @@ class Recommender:
         if not self.knobs:
             return
         target = self.config.index.target_recall
-        record = ann.read_tuning(self.version) or {}
+        record = read_tuning(self.version) or {}
         recorded = record.get("knobs")
         if record.get("target_recall") == target and isinstance(recorded, dict) and recorded \
                 and set(recorded) <= set(self.knobs):
@@ -375,17 +379,17 @@ class Recommender:
             logger.warning("index %s has no stored vectors (%s) to tune its search parameters against; using %s",
                            self.version.name, RunDir.INDEX_VECTORS, self.knobs)
             return
-        tuning = ann.autotune(inner, np.asarray(self._stored[self._row_of], dtype=np.float32), target,
+        tuning = autotune(inner, np.asarray(self._stored[self._row_of], dtype=np.float32), target,
                               queries=self._tuning_queries(), apply=False)
         self.knobs.update(tuning.knobs)
         try:
-            ann.write_tuning(self.version, tuning)
+            write_tuning(self.version, tuning)
         except OSError as err:
             logger.warning("could not record the tuning in %s (%s); it is used for this process only",
                            self.version, err)
 
     def _tuning_queries(self, n: int = 1000, seed: int = 0) -> np.ndarray | None:
-        """Queries from the real query distribution for :func:`ann.autotune`: the user-tower embeddings of a
+        """Queries from the real query distribution for :func:`index.tuning.autotune`: the user-tower embeddings of a
         seeded sample of up to ``n`` known users' histories. ``None`` (autotune then samples item vectors) where
         the run has no known users."""
         users = sorted(u for u, h in self.histories.items() if len(h))
@@ -427,7 +431,7 @@ class Recommender:
             return self._where_cache[key]
         mask = where_mask(self.items, where)
         if key is not None:
-            if len(self._where_cache) >= 64:
+            if len(self._where_cache) >= WHERE_CACHE:
                 self._where_cache.pop(next(iter(self._where_cache)))
             self._where_cache[key] = mask
         return mask

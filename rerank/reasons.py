@@ -14,7 +14,7 @@ prompt names the recommendation and its genres (when the catalog has a ``genres`
 Generation is batched, greedy, capped at ``rerank.explain_tokens`` and constrained
 (:class:`QuotedHistoryTitles`): inside double quotes the LM can only write, token by token, one of those items'
 titles, each at most once. The LM is the reranker's (its listwise or pointwise adapter switched off), or a
-reasons adapter fine-tuned by ``towerrec train-reasons`` (``train/explain.py``) to write the sentence
+reasons adapter fine-tuned by ``towerrec train-reasons`` (``train/reasons.py``) to write the sentence
 :func:`template_reason` composes from the same evidence: ``Because you watched "Heat (1995)" and "Fargo (1996)":
 another action/crime pick.``
 

@@ -1,5 +1,5 @@
 """The one LoRA fine-tuning loop of the LLM stages: ``train-rerank`` (:mod:`train.rerank`) and ``train-reasons``
-(:mod:`train.explain`) both run it.
+(:mod:`train.reasons`) both run it.
 
 Shuffled mini-batches for ``epochs`` epochs, AdamW over the adapter's parameters with a linear warm-up and decay,
 gradients clipped to norm 1, a validation every ``eval_every`` steps (and at step 0: the zero-shot model) kept

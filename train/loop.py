@@ -41,6 +41,8 @@ from train.sequence import evaluate_sequences, fit_sequence, prefix_profiles, re
 
 logger = logging.getLogger(__name__)
 
+SCORE_BATCH = 256  # users per full-ranking scoring pass in evaluation
+
 
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch (CPU and every CUDA device)."""
@@ -189,8 +191,8 @@ def evaluate_positions(model: TwoTower, states: UserStates, split: Split, item_e
     users = list(range(split.num_users)) if users is None else users
     ranks = []
     with torch.no_grad():
-        for start in range(0, len(users), 256):
-            idx = users[start:start + 256]
+        for start in range(0, len(users), SCORE_BATCH):
+            idx = users[start:start + SCORE_BATCH]
             s, _ = states.get(idx, which)
             u = model.user.head(s)
             scores = (u @ item_emb.T).cpu()

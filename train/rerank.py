@@ -58,6 +58,7 @@ LLM_ONLY = 100.0
 SEQUENCE_POSITIONS = 16  # rerank.train_positions=0 (auto) in sequence mode: examples per training user
 SEQUENCE_BATCH = 16  # rerank.train_batch=0 (auto) in sequence mode: lists per step
 SEQUENCE_LR = 5e-4  # rerank.lr=0 (auto) in sequence mode
+CANDIDATE_BATCH = 256  # users per retrieval batch when collecting the retriever's candidates
 TEXT_LR = 2e-4  # rerank.lr=0 (auto) in the listwise and pointwise modes
 DEPTH = 20  # metrics are read within the reranked top-N; a target outside it is a miss at every cut-off
 
@@ -104,7 +105,7 @@ def item_matrix(rec: Pipeline) -> np.ndarray:
 
 
 def retriever_candidates(rec: Pipeline, split: Split, users: Sequence[int], which: Literal["train", "valid", "test"],
-                         depth: int, batch_size: int = 256, progress: bool = False,
+                         depth: int, batch_size: int = CANDIDATE_BATCH, progress: bool = False,
                          positions: int = 1) -> list[Example]:
     """The retriever's exact top-``depth`` for each user's ``which`` history, over the split's items, history
     excluded (but never the target, as in :func:`data.protocol.held_out`). For ``train``, ``positions`` > 1

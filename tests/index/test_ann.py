@@ -13,6 +13,7 @@ import torch
 from errors import IndexStateError, QueryError
 from index import ann
 from index.store import build_faiss
+from index.tuning import autotune, recall_at
 
 N, D = 4000, 32
 
@@ -83,7 +84,7 @@ def test_over_fetch_returns_k_when_most_candidates_are_filtered(data, indexes, f
     assert (labels >= 0).all(), "fewer than k results although 320 items pass"
     assert keep[labels].all() and all(len(set(row)) == 25 for row in labels)
     assert (np.diff(scores, axis=1) <= 1e-6).all()  # best first
-    recall = ann.recall_at(labels, _exact(xb, q, 25, keep))
+    recall = recall_at(labels, _exact(xb, q, 25, keep))
     # Exact for Flat; approximate indexes find true neighbours among the few far items less reliably.
     assert recall >= (1.0 if factory == "Flat" else 0.5), recall
 
@@ -142,7 +143,7 @@ def test_torch_path_on_gpu(data, indexes, caplog: pytest.LogCaptureFixture) -> N
         assert searcher.gpu
     got = searcher.search(xq, 10, keep=keep)[1]
     want = _searcher(indexes["Flat"]).search(xq, 10, keep=keep)[1]
-    assert ann.recall_at(got, want) >= 0.999  # float rounding may swap exact ties
+    assert recall_at(got, want) >= 0.999  # float rounding may swap exact ties
     direct = ann.TorchSearcher(xb, "cuda")
     assert direct.vectors.device.type == "cuda"
     np.testing.assert_array_equal(direct.search(xq, 10, keep=keep)[1], _exact(xb, xq, 10, keep))
@@ -178,8 +179,8 @@ def test_query_time_knobs_reach_the_search(data, indexes) -> None:
     xb, xq = data
     truth = _exact(xb, xq, 10)
     searcher = _searcher(indexes["IVF64,Flat"])
-    one = ann.recall_at(searcher.raw(xq, 10, {"nprobe": 1})[1], truth)
-    every = ann.recall_at(searcher.raw(xq, 10, {"nprobe": 64})[1], truth)
+    one = recall_at(searcher.raw(xq, 10, {"nprobe": 1})[1], truth)
+    every = recall_at(searcher.raw(xq, 10, {"nprobe": 64})[1], truth)
     assert every == pytest.approx(1.0) and one < 0.9
     assert ann.knobs_of(indexes["IVF64,Flat"]) == {"nprobe": 1}  # per-call parameters leave the index alone
 
@@ -190,7 +191,7 @@ def test_autotune_reaches_the_target_recall(data, factory: str) -> None:
     cheapest that does."""
     xb, xq = data
     index = build_faiss(xb, np.arange(N, dtype=np.int64), factory, nprobe=1, ef_search=16)
-    tuning = ann.autotune(index, xb, target_recall=0.95, k=10, n_queries=400, seed=0)
+    tuning = autotune(index, xb, target_recall=0.95, k=10, n_queries=400, seed=0)
     (name, value), = tuning.knobs.items()
     assert tuning.reached and tuning.recall >= 0.95 and tuning.heldout_recall >= 0.93
     assert ann.knobs_of(index)[name] == value  # applied to the index (saved with it)
@@ -201,16 +202,16 @@ def test_autotune_reaches_the_target_recall(data, factory: str) -> None:
         assert value < 64  # not simply exhaustive
     # On queries it never saw (the query set, not item vectors), the tuned index is close to the target too.
     _, found = index.search(xq, 10)
-    assert ann.recall_at(found, _exact(xb, xq, 10)) >= 0.9
+    assert recall_at(found, _exact(xb, xq, 10)) >= 0.9
 
 
 def test_autotune_exact_index_and_unreachable_target(data, caplog: pytest.LogCaptureFixture) -> None:
     xb, _ = data
     flat = build_faiss(xb, np.arange(N, dtype=np.int64), "Flat")
-    assert ann.autotune(flat, xb).knobs == {}
+    assert autotune(flat, xb).knobs == {}
     pq = build_faiss(xb, np.arange(N, dtype=np.int64), "IVF16,PQ4x4", nprobe=1)  # 2 bytes a vector: coarse
     with caplog.at_level(logging.WARNING, logger="index.ann"):
-        tuning = ann.autotune(pq, xb, target_recall=0.99, n_queries=200)
+        tuning = autotune(pq, xb, target_recall=0.99, n_queries=200)
     assert not tuning.reached and tuning.recall < 0.99
     assert "NOT reached" in caplog.text
 

@@ -17,6 +17,7 @@ from index import ann
 from index.build import build_index
 from index.recommender import MAX_K, Hits, QueryError, Recommendation, Recommender, Results
 from index.store import live_version
+from index.tuning import read_tuning
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +218,7 @@ def test_ivf_index_parameters_are_tuned_recorded_and_reused(tiny_run: Path, tmp_
     assert "auto-tuned IndexIVFFlat: nprobe=" in caplog.text
     # The tuning queries are the known users' own embeddings (the real query distribution), not item vectors.
     assert f"{len(rec.histories)} known users' embeddings" in caplog.text
-    record = ann.read_tuning(folder)
+    record = read_tuning(folder)
     assert record["target_recall"] == rec.config.index.target_recall == 0.95 and record["reached"]
     assert rec.knobs == record["knobs"] and 1 <= rec.knobs["nprobe"] <= 8 and record["recall"] >= 0.95
     caplog.clear()

@@ -22,8 +22,9 @@ from data.rundir import RunDir
 from errors import CatalogError, ConfigError, IndexStateError
 from index.build import build_index
 from index.evaluate import evaluate
+from index.plan import content_hashes
 from index.recommender import Recommender
-from index.reindex import content_hashes, reindex
+from index.reindex import reindex
 from index.store import Manifest, list_versions, live_version, prune_versions, read_vectors, set_live
 
 REPO = Path(__file__).resolve().parents[2]

@@ -28,7 +28,7 @@ from rerank.reasons import (
     shared_genres,
     template_reason,
 )
-from train.explain import _continuation_loss, _written, evaluate_reasons, reason_tasks, train_reasons
+from train.reasons import _continuation_loss, _written, evaluate_reasons, reason_tasks, train_reasons
 
 FAST = ["rerank.train_users=8", "rerank.train_positions=1", "rerank.eval_users=4", "rerank.epochs=1"]
 
@@ -133,7 +133,7 @@ def test_reason_tasks_and_a_fine_tune_that_learns_them(rec: Pipeline, tiny_run: 
     histories (the user left out); LoRA fine-tuning of Gemma-3-270M fits two of them until greedy, constrained
     generation writes them exactly (the taught tokens and the served generation agree end to end)."""
     from rerank.llm import history_builder
-    from train.explain import held_out_cooccurrence
+    from train.reasons import held_out_cooccurrence
 
     monkeypatch.setattr(rec, "_genres", fake_genres(len(rec.item_ids)))
     split = split_catalog(rec.config, RunDir(tiny_run).load_catalog())
