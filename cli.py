@@ -227,7 +227,7 @@ def cmd_serve(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from data.importers import IMPORTERS
+    from data.formats import FORMATS
 
     # -v is accepted before or after the subcommand (a parent parser shared by every subcommand).
     common = argparse.ArgumentParser(add_help=False)
@@ -237,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("prepare", parents=[common], help="build a catalog (items.parquet + interactions.parquet)",
-                       description="Formats: " + "; ".join(f"{n}: {imp.description}" for n, imp in IMPORTERS.items()))
-    s.add_argument("--format", choices=sorted(IMPORTERS), default="generic")
+                       description="Formats: " + "; ".join(f"{n}: {text}" for n, text in FORMATS.items()))
+    s.add_argument("--format", choices=sorted(FORMATS), default="generic")
     s.add_argument("--src", help="dataset folder for the movielens formats (movielens-100k: default "
                                  "$TOWERREC_ML100K, else ../shared/datasets/movielens-100k-mm)")
     s.add_argument("--items", help="generic: items CSV/Parquet")

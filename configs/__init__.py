@@ -253,7 +253,7 @@ class RerankConfig(_LoraFields):
     train_users: int = _bounded(0, ge=0)  # seeded sample of training users to fine-tune on (0 = all)
     # training examples whose target the retriever missed: "insert" it in place of the lowest-ranked candidate
     # (LlamaRec), or "skip" them, so that training lists look like served ones (where a miss cannot be helped);
-    # "auto": insert for the text modes, skip for sequence (measured on validation, README "Results")
+    # "auto": insert for the text modes, skip for sequence (chosen on validation users: docs/rerank.md)
     missed_targets: MissedTargets = "auto"
     train_positions: int = _bounded(0, ge=0)  # examples per training user: its last training items, each after
     #                                           the history before it; 0 = auto (1 for the text modes, whose prompts

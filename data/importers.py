@@ -31,6 +31,7 @@ from data.catalog import (
     write_catalog,
 )
 from data.columns import COLUMN_KINDS, check_column_types, require_columns
+from data.formats import FORMATS
 from data.ids import as_item_ids
 from errors import CatalogError
 
@@ -61,12 +62,13 @@ class Importer:
 IMPORTERS: dict[str, Importer] = {}
 
 
-def register(name: str, description: str, required: tuple[str, ...] = (), optional: tuple[str, ...] = (),
+def register(name: str, required: tuple[str, ...] = (), optional: tuple[str, ...] = (),
              defaults: dict | None = None):
-    """Decorator that registers an importer ``fn(out, **options) -> Catalog`` under ``name``."""
+    """Decorator that registers an importer ``fn(out, **options) -> Catalog`` under ``name``, a format of
+    :data:`data.formats.FORMATS` (which describes it)."""
     def wrap(fn):
         assert not (set(required) | set(optional)) - set(OPTIONS), (required, optional)
-        IMPORTERS[name] = Importer(name, description, fn, tuple(required), tuple(optional), defaults)
+        IMPORTERS[name] = Importer(name, FORMATS[name], fn, tuple(required), tuple(optional), defaults)
         return fn
     return wrap
 
@@ -118,8 +120,7 @@ def _ml100k_default_src() -> Path | None:
     return guess if guess.is_dir() else None
 
 
-@register("generic", "any CSV/Parquet pair of items and interactions",
-          required=("items", "interactions"), optional=("mapping", "media_root", "drop_unknown_items"))
+@register("generic", required=("items", "interactions"), optional=("mapping", "media_root", "drop_unknown_items"))
 def _generic(out, items, interactions, mapping=None, media_root=None, drop_unknown_items=False,
              overwrite=False) -> Catalog:
     return prepare_generic(items, interactions, out, mapping, media_root, drop_unknown_items, overwrite=overwrite)
@@ -247,8 +248,7 @@ def _genres_from_flags(df: pl.DataFrame, names: list[str]) -> pl.Series:
     return pl.Series("genres", [", ".join(n for n, f in zip(names, row) if f) for row in flags], dtype=pl.Utf8)
 
 
-@register("movielens-100k", "MovieLens-100K (u.data, u.item) plus optional TMDB overviews and posters",
-          required=("src",), defaults={"src": _ml100k_default_src})
+@register("movielens-100k", required=("src",), defaults={"src": _ml100k_default_src})
 def _ml100k(out, src, overwrite=False) -> Catalog:
     return prepare_movielens_100k(src, out, overwrite=overwrite)
 
@@ -304,8 +304,7 @@ def prepare_movielens_100k(src: str | Path, out: str | Path, *, overwrite: bool 
                          overwrite=overwrite, inputs=[("--src", src)])
 
 
-@register("movielens-latest", "MovieLens latest-small (ratings.csv, movies.csv), text only",
-          required=("src",))
+@register("movielens-latest", required=("src",))
 def _ml_latest(out, src, overwrite=False) -> Catalog:
     return prepare_movielens_latest(src, out, overwrite=overwrite)
 
@@ -341,8 +340,7 @@ def prepare_movielens_latest(src: str | Path, out: str | Path, *, overwrite: boo
                          overwrite=overwrite, inputs=[("--src", src)])
 
 
-@register("sequences", "ID-only sequences: one line per user, the user id then item ids oldest first "
-          "(P5-style user_sequence.txt, e.g. the Amazon Beauty/Sports/Toys sets)", required=("src",))
+@register("sequences", required=("src",))
 def _sequences(out, src, overwrite=False) -> Catalog:
     return prepare_sequences(src, out, overwrite=overwrite)
 

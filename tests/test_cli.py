@@ -448,3 +448,21 @@ def test_a_missing_run_is_named_before_torch_is_imported(command: str, tmp_path:
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"towerrec {command}: error: {tmp_path / 'missing'}: run directory not found (run `towerrec train` first)"]
+
+
+def test_help_imports_neither_polars_nor_torch() -> None:
+    """``--help`` builds every subcommand's parser from light modules: it never waits for polars or torch."""
+    code = ("import sys, cli\ntry:\n    cli.main(['--help'])\nexcept SystemExit as e:\n    rc = e.code\n"
+            "heavy = sorted(m for m in ('polars', 'torch', 'numpy', 'faiss', 'transformers') if m in sys.modules)\n"
+            "assert not heavy, heavy; sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(cli.__file__).parent)
+    assert proc.returncode == 0, proc.stderr
+    assert "prepare" in proc.stdout and "query" in proc.stdout
+
+
+def test_every_format_prepare_shows_has_an_importer() -> None:
+    from data.formats import FORMATS
+    from data.importers import IMPORTERS
+
+    assert list(IMPORTERS) == list(FORMATS)
+    assert all(IMPORTERS[name].description == text for name, text in FORMATS.items())

@@ -12,8 +12,8 @@ lowest-ranked candidate. The candidate order is shuffled at every step against p
   (``rerank/sequence.py``: the user tower's LLM layers, new LoRA adapters and a scoring head), one pass per
   list. Its lists are cheap (one position per item), so it trains on the last ``SEQUENCE_POSITIONS`` training
   items of every user by default, and only on the lists that hold their target (``missed_targets: auto`` skips
-  the others: a target inserted by hand is an odd one out that served lists never have; skipping them, with
-  twice the positions, raised validation NDCG@10 on both MovieLens sets, README "Results"). Its lists are not
+  the others: a target inserted by hand is an odd one out that served lists never have; the choice was made
+  on validation users, docs/rerank.md). Its lists are not
   shuffled: a candidate's score does not depend on the order. Its step 0 scores every candidate 0: the
   retriever's own order.
 
