@@ -288,8 +288,8 @@ def _plan_key(fingerprint: str, dim: int, chunk_size: int, todo: list[_Row], id_
 
 # -- processes -----------------------------------------------------------------------------------------------
 def _distributed(device: torch.device) -> tuple[torch.device, int, int, bool]:
-    """``(device, rank, world, joined)``: joins torchrun's process group when launched by it (as
-    ``train.distributed`` does; serving code does not import training code)."""
+    """``(device, rank, world, joined)``: joins torchrun's process group when launched by it, the same
+    way the training loop joins it (this module stays independent of the training package)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return device, 0, 1, False
     joined = False
