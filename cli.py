@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 
+from configs import PROTOCOLS
 from errors import CatalogError, QueryError, TowerrecError
 
 
@@ -44,6 +45,8 @@ def cmd_train(args) -> None:
     from train.loop import train
 
     overrides = list(args.set)
+    if args.protocol is not None:
+        overrides.append(f"data.protocol={args.protocol}")
     if args.device is not None:
         from towers.device import resolve_device
 
@@ -62,8 +65,8 @@ def cmd_train(args) -> None:
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, process 0 reports
         return
     if args.json:
-        print(json.dumps({"run": str(result.run_dir), "best_epoch": result.best_epoch, "valid": result.valid,
-                          "test_retrieval": result.test, "seconds": round(result.seconds, 1),
+        print(json.dumps({"run": str(result.run_dir), "protocol": config.data.protocol, "best_epoch": result.best_epoch,
+                          "valid": result.valid, "test_retrieval": result.test, "seconds": round(result.seconds, 1),
                           "refit_epochs": result.refit["epochs"] if result.refit else 0}))
         return
     v, t = result.valid, result.test
@@ -268,11 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume-from", metavar="RUN",
                    help="start from a trained run's weights (re-fine-tuning on a newer catalog; its id vectors "
                         "are kept by item id, new items start fresh); then `reindex` the new run")
+    s.add_argument("--protocol", choices=PROTOCOLS,
+                   help="what validation and test hold out (data.protocol; default warm): warm (leave-one-out), "
+                        "cold-items (a seeded 10%% of items never trained on) or cold-users (users never trained "
+                        "on, scored from their first 1, 3 and 5 items); `evaluate` scores the run's own")
     s.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the config's train.device)")
     s.add_argument("--quiet", action="store_true", help="no progress bars (they show only on a terminal anyway)")
     s.add_argument("--json", action="store_true",
                    help="print the result as one line of JSON (no progress bars): "
-                        "{run, best_epoch, valid, test_retrieval, seconds, refit_epochs}")
+                        "{run, protocol, best_epoch, valid, test_retrieval, seconds, refit_epochs}")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("build-index", parents=[common],

@@ -11,7 +11,7 @@ one, a first line ``$ COMMAND``.
 
     python benchmarks/quality.py --catalog microlens-dev=CATALOG [--catalog NAME=CATALOG ...] \\
         --setup pop --setup sasrec --setup default [--set KEY=VALUE ...] [--label after] \\
-        [--engine CHECKOUT] [--peer microlens-dev=LOG] --runs RUNS_DIR --out results/quality
+        [--engine CHECKOUT] [--peer microlens-dev=LOG] [--protocol cold-items] --runs RUNS_DIR --out results/quality
 
 Rows accumulate in ``OUT.json`` under the key (catalog, setup, label): running again replaces a row, other
 rows stay, and ``OUT.md`` is rewritten from all of them. ``--engine`` trains with another checkout's
@@ -40,6 +40,7 @@ from data.catalog import META_FILE  # noqa: E402
 from data.rundir import RunDir  # noqa: E402
 
 METRICS = ("recall@10", "ndcg@10", "mrr@10")
+EXTRAS = ("users", "cold_share@10")  # kept where the protocol reports them
 ORDER = ("pop", "peer", "sasrec", "default")  # row order within a catalog; other setups follow by name
 
 
@@ -53,9 +54,12 @@ def parse_pairs(values: list[str], flag: str) -> dict[str, str]:
     return out
 
 
-def train_row(engine: Path, catalog: str, setup: str, overrides: list[str], run: Path, threads: int) -> dict:
+def train_row(engine: Path, catalog: str, setup: str, overrides: list[str], run: Path, threads: int,
+              protocol: str = "warm") -> dict:
     """One ``cli.py train`` run in a fresh process; its --json line plus wall minutes and the command."""
     cmd = [sys.executable, "cli.py", "train", "--catalog", catalog, "--run", str(run), "--overwrite", "--json"]
+    if protocol != "warm":
+        cmd += ["--protocol", protocol]
     if setup != "default":
         cmd += ["--config", setup]
     for o in overrides:
@@ -138,7 +142,12 @@ def without_test(catalog: str, out: Path) -> str:
 
 
 def pick(metrics: dict) -> dict:
-    return {k: round(float(metrics[k]), 4) for k in METRICS if k in metrics}
+    out = {k: round(float(metrics[k]), 4) for k in METRICS if k in metrics}
+    out.update({k: metrics[k] for k in EXTRAS if k in metrics})
+    if "by_history" in metrics:  # cold-users: NDCG@10 for each number of first items
+        out["by_history"] = {n: {"ndcg@10": round(float(m["ndcg@10"]), 4), "users": m["users"]}
+                             for n, m in metrics["by_history"].items()}
+    return out
 
 
 def markdown(rows: list[dict]) -> str:
@@ -159,6 +168,11 @@ def markdown(rows: list[dict]) -> str:
                 label = label[:-1] + f", at {r['commit']})"
             valid = f"{v['recall@10']:.4f} / {v['ndcg@10']:.4f}" if v else "–"
             test = " / ".join(f"{t[k]:.4f}" for k in METRICS if k in t)
+            if "cold_share@10" in t:
+                test += f" (new items: {100 * t['cold_share@10']:.0f}% of the top 10; {t['users']} users)"
+            elif "by_history" in t:
+                test += " (N@10 from the first " + ", ".join(f"{n}: {m['ndcg@10']:.4f}" for n, m in
+                                                            t["by_history"].items()) + f"; {t['users']} targets)"
             minutes = "–" if r["minutes"] is None else r["minutes"]
             out.append(f"| {name}{label} | {valid} | {test} | {minutes} | `{r['command']}` |")
         out.append("")
@@ -177,6 +191,8 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, help="where the runs are written (required with trained setups)")
     ap.add_argument("--threads", type=int, default=0, help="OMP threads per run (0: torch's default)")
     ap.add_argument("--out", type=Path, required=True, help="writes OUT.json (rows accumulate) and OUT.md")
+    ap.add_argument("--protocol", default="warm", choices=("warm", "cold-items", "cold-users"),
+                    help="what validation and test hold out (train --protocol); rows are named 'NAME PROTOCOL'")
     ap.add_argument("--drop-test", action="store_true",
                     help="validation only: each catalog without its users' test items (written under --runs), so "
                          "its test target is the real validation target; rows are named 'NAME without test'")
@@ -216,16 +232,22 @@ def main() -> None:
         args.set = ["data.min_count=3", *args.set]  # the users and items of the 5-cored catalog stay
     else:
         given = {n: f"{n}={c}" for n, c in catalogs.items()}
+    if args.protocol != "warm":
+        given = {f"{n} {args.protocol}": f"{g} --protocol {args.protocol}" for n, g in given.items()}
+        catalogs = {f"{n} {args.protocol}": c for n, c in catalogs.items()}
+        pop_set = [f"data.protocol={args.protocol}", *args.set]
+    else:
+        pop_set = args.set
     for name, catalog in catalogs.items():
         for setup in args.setup:
             if setup == "pop":
                 command = f"python benchmarks/quality.py --catalog {given[name]} --setup pop"
-                put({"catalog": name, "setup": "pop", "label": "pop", **pop_row(catalog, args.set, command)})
+                put({"catalog": name, "setup": "pop", "label": "pop", **pop_row(catalog, pop_set, command)})
                 continue
             run = args.runs / re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{name}-{setup}-{args.label}")
             put({"catalog": name, "setup": setup, "label": args.label, "overrides": args.set,
                  **train_row(args.engine.resolve(), str(Path(catalog).resolve()), setup, args.set, run.resolve(),
-                             args.threads)})
+                             args.threads, args.protocol)})
 
 
 if __name__ == "__main__":

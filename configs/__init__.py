@@ -40,6 +40,8 @@ UserInit = Literal["pretrained", "random"]
 Strategy = Literal["frozen", "top_k", "lora", "full"]
 InputTable = Literal["shared", "own", "both"]
 Loss = Literal["auto", "full", "sampled"]
+Protocol = Literal["warm", "cold-items", "cold-users"]
+PROTOCOLS: tuple[str, ...] = typing.get_args(Protocol)  # data.protocol's values (see data.protocol)
 
 
 class FieldError(ConfigError):
@@ -123,6 +125,12 @@ class DataConfig(_Checked):
     profile_max_items: int = _bounded(50, ge=1)  # at most this many most-recent items in a profile
     profile_text_chars: int = _bounded(0, ge=0)  # characters of each item's description added to its title (0 = titles)
     item_text_chars: int = _bounded(600, ge=0)  # characters of description fed to the item text encoder
+    # What is held out (data.protocol): "warm" (leave-one-out), "cold-items" (a seeded share of items is never
+    # trained on; users whose target is one of them are scored) or "cold-users" (a seeded share of users, for
+    # validation and another for test, is never trained on; each is scored from their first 1, 3 and 5 items)
+    protocol: Protocol = "warm"
+    cold_share: float = _bounded(0.1, gt=0, lt=0.5)  # share of items (cold-items) or of users (cold-users)
+    cold_seed: int = _bounded(0, ge=0)  # seed of that draw
 
 
 @dataclass(frozen=True)
@@ -342,6 +350,12 @@ class Config(_Checked):
         if self.train.refit is True and self.user.input != "items":
             raise FieldError("train.refit", "only item-sequence training (user.input=items) refits; this config "
                                             f"has user.input={self.user.input!r}")
+        if self.data.protocol != "warm" and self.user.input != "items":
+            raise FieldError("data.protocol", f"{self.data.protocol!r} needs item-sequence training (user.input="
+                                              f"items); this config has user.input={self.user.input!r}")
+        if self.data.protocol == "cold-items" and self.user.input_table != "shared":
+            raise FieldError("data.protocol", "cold-items needs user.input_table=shared: new items have no row "
+                                              f"in an own input table (this config: {self.user.input_table!r})")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict, JSON-serialisable."""

@@ -13,7 +13,9 @@ import random
 import time
 from pathlib import Path
 
-from data.protocol import held_out, list_rank, ranking_metrics, split_catalog
+import torch
+
+from data.protocol import COLD_SHARE_AT, held_out, list_rank, protocol_metrics, split_catalog
 from data.rundir import RunDir
 from errors import QueryError
 from index.recommender import Recommender
@@ -47,14 +49,16 @@ def evaluate(run_dir: str | Path, users: int = 0, seed: int = 0, rerank: bool = 
     rec = recommender or Recommender.load(run.path)
     if rerank and not callable(getattr(rec, "rerank", None)):
         raise QueryError("rerank=True needs a recommender with a rerank stage: pass rerank.Pipeline.load(run)")
-    split = split_catalog(rec.config, catalog)
-    chosen = list(range(split.num_users))
+    split = split_catalog(rec.config, catalog)  # under the protocol the run was trained for
+    chosen = list(range(split.num_cases("test")))
     if users and users < len(chosen):
         chosen = sorted(random.Random(seed).sample(chosen, users))
     allowed = split.item_ids
     depth = max(KS)
     n_cand = max(depth, rec.config.rerank.candidates)
     ranks = {"retrieval": [], "reranked": []}
+    tops = {"retrieval": [], "reranked": []}  # split indices of each top 10 (cold-items' cold_share@10)
+    index_of = {item_id: j for j, item_id in enumerate(split.item_ids)}
     timings = {"retrieval": 0.0, "reranked": 0.0}
     for start in tqdm(range(0, len(chosen), batch_size), desc="evaluating", disable=not progress):
         held = [held_out(split, u, "test") for u in chosen[start:start + batch_size]]
@@ -68,16 +72,26 @@ def evaluate(run_dir: str | Path, users: int = 0, seed: int = 0, rerank: bool = 
         timings["retrieval"] += time.time() - t0
         for h, recs, target in zip(histories, lists, targets):
             ranks["retrieval"].append(list_rank([r.item_id for r in recs], target, depth))
+            tops["retrieval"].append([index_of[r.item_id] for r in recs[:COLD_SHARE_AT]])
             if rerank:
                 t0 = time.time()
                 top = rec.config.rerank.candidates
                 reranked = rec.rerank(h, recs[:top]) + recs[top:]
                 timings["reranked"] += time.time() - t0
                 ranks["reranked"].append(list_rank([r.item_id for r in reranked], target, depth))
-    out = {"users": len(chosen), "items": split.num_items, "protocol": "5-core leave-one-out, full ranking",
+                tops["reranked"].append([index_of[r.item_id] for r in reranked[:COLD_SHARE_AT]])
+    out = {"users": len(chosen), "items": split.num_items, "protocol": split.protocol,
            "rerank_candidates": rec.config.rerank.candidates, "rerank_weight": rec.config.rerank.weight}
     for name, r in ranks.items():
         if r:
-            out[name] = {k: round(v, 4) for k, v in ranking_metrics(r, KS).items()}
+            top = torch.tensor(tops[name]) if all(len(t) == COLD_SHARE_AT for t in tops[name]) else None
+            metrics = protocol_metrics(split, "test", r, top, chosen, KS)
+            metrics.pop("users")
+            out[name] = _rounded(metrics)
             out[name]["seconds"] = round(timings[name], 1)
     return out
+
+
+def _rounded(metrics: dict) -> dict:
+    return {k: _rounded(v) if isinstance(v, dict) else round(v, 4) if isinstance(v, float) else v
+            for k, v in metrics.items()}

@@ -165,7 +165,7 @@ def test_evaluate_json(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
     assert len(out.strip().splitlines()) == 1
     result = json.loads(out)
     assert result["users"] == 5
-    assert result["protocol"] == "5-core leave-one-out, full ranking"
+    assert result["protocol"] == "warm"
     for mode in ("retrieval", "reranked"):
         assert set(result[mode]) == {f"{m}@{k}" for m in ("recall", "ndcg", "mrr") for k in (5, 10, 20)} | {"seconds"}
         assert all(0.0 <= v <= 1.0 for key, v in result[mode].items() if key != "seconds")

@@ -211,9 +211,10 @@ class TrainingData:
     catalog: Catalog
     split: Split
     catalog_items: ItemSpace  # catalog rows
-    split_items: ItemSpace  # dense split indices (= rows of the item tower's id table)
+    split_items: ItemSpace  # dense split indices
+    id_items: ItemSpace  # rows of the item tower's id table: the split items training sees (all, warm)
     split_rows: np.ndarray  # (I,) split index -> catalog row
-    id_rows: np.ndarray  # (N,) catalog row -> id-table row, -1 for items outside the split
+    id_rows: np.ndarray  # (N,) catalog row -> id-table row, -1 for items outside the split or new (cold-items)
 
 
 def load_training_data(config: Config, catalog_dir: str | Path) -> TrainingData:
@@ -222,8 +223,9 @@ def load_training_data(config: Config, catalog_dir: str | Path) -> TrainingData:
     split = split_catalog(config, catalog)
     catalog_items = ItemSpace(catalog.items["item_id"].to_list(), "catalog")
     split_items = ItemSpace(split.item_ids, "split")
-    return TrainingData(catalog, split, catalog_items, split_items,
-                        split_rows=split_items.to(catalog_items), id_rows=catalog_items.to(split_items))
+    id_items = ItemSpace(split.item_ids[:split.num_train_items], "id table")  # new items last: see Split
+    return TrainingData(catalog, split, catalog_items, split_items, id_items,
+                        split_rows=split_items.to(catalog_items), id_rows=catalog_items.to(id_items))
 
 
 def build_item_bank(config: Config, model: TwoTower, data: TrainingData, device, progress: bool) -> ItemBank:
@@ -343,9 +345,9 @@ def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress
     try:
         seed_everything(config.train.seed)
         data = load_training_data(config, catalog_dir)
-        model = build_towers(config, num_ids=data.split.num_items).to(device)  # step 2
+        model = build_towers(config, num_ids=data.split.num_train_items).to(device)  # step 2
         if resume_from is not None:
-            init_from_run(model, resume_from, data.split_items)
+            init_from_run(model, resume_from, data.id_items)
         bank = build_item_bank(config, model, data, device, progress and rank == 0)
         refit = None
         if config.user.input == "items":  # the LLM reads item embeddings: see train/sequence.py
@@ -360,9 +362,9 @@ def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress
             if refit_wanted(config.train.refit, data.split):  # the same recipe, start and epochs, plus validation items
                 t_refit = time.time()
                 seed_everything(config.train.seed)
-                model = build_towers(config, num_ids=data.split.num_items).to(device)
+                model = build_towers(config, num_ids=data.split.num_train_items).to(device)
                 if resume_from is not None:
-                    init_from_run(model, resume_from, data.split_items)
+                    init_from_run(model, resume_from, data.id_items)
                 titles = title_table(model, split_items["title"].to_list())
                 prefixes = prefix_profiles(model, config, split_items)
                 _, refit_history = fit_sequence(config, model, bank, data.split, device, progress, None, titles,
@@ -441,8 +443,8 @@ def write_run(run: RunDir, model: TwoTower, data: TrainingData, result: TrainRes
     save_towers(model, run)
     run.write_catalog_ref(data.catalog)
     run.write_histories(data.split)
-    run.write_id_table(data.split.item_ids)
-    run.write_metrics({"best_epoch": result.best_epoch, "valid": result.valid, "test": result.test,
+    run.write_id_table(data.id_items.ids)
+    run.write_metrics({"protocol": model.config.data.protocol, "best_epoch": result.best_epoch, "valid": result.valid, "test": result.test,
                        "history": result.history, "seconds": result.seconds,
                        **({"refit": result.refit} if result.refit else {})})
     plot_curves(result.history, result.best_epoch, run.curves_path,

@@ -25,7 +25,15 @@ from torch import nn
 
 from configs import Config
 from data.atomic import write_file
-from data.protocol import Split, held_out, ranking_metrics, target_ranks
+from data.protocol import (
+    COLD_SHARE_AT,
+    Split,
+    held_out,
+    protocol_metrics,
+    ranking_metrics,
+    target_ranks,
+    top_items,
+)
 from towers.factory import TwoTower, trainable_state
 from towers.progress import tqdm
 from train.losses import inclusion_logq, info_nce
@@ -59,7 +67,7 @@ def training_windows(split: Split, max_len: int, through_valid: bool = False) ->
     """
     rows_in, rows_t, users, starts = [], [], [], []
     for u in range(split.num_users):
-        train = held_out(split, u, "test")[1] if through_valid else split.train_seq(u)
+        train = split.train_seq(u, through_valid)
         end = len(train)
         while end > 1:
             start = max(0, end - (max_len + 1))
@@ -141,20 +149,24 @@ def evaluate_sequences(model: TwoTower, split: Split, item_emb: torch.Tensor, wh
     """Full-ranking metrics over all split items for ``which`` in (valid, test), history excluded.
 
     ``prefixes``: the :func:`prefix_profiles` of a model with ``user.profile_prefix``."""
-    users = list(range(split.num_users)) if users is None else users
+    users = list(range(split.num_cases(which))) if users is None else users
     max_len = model.config.user.max_len
     inputs, mask = eval_sequences(split, users, which, max_len)
     prefix = None if prefixes is None else prefixes(eval_older(split, users, which, max_len))
     u = sequence_user_embeddings(model, item_emb, inputs, mask, titles=titles, prefix=prefix)
-    ranks = []
+    ranks, tops = [], []
     for start in range(0, len(users), 512):
         idx = users[start:start + 512]
         held = [held_out(split, i, which) for i in idx]
         scores = (u[start:start + 512] @ item_emb.T).float().cpu()
         ranks.append(target_ranks(scores, torch.tensor([t for t, _, _ in held]), [ex for _, _, ex in held]))
-    out = ranking_metrics(torch.cat(ranks))
-    out["users"] = len(users)
-    return out
+        if split.protocol == "cold-items":
+            tops.append(top_items(scores, [ex for _, _, ex in held], COLD_SHARE_AT))
+    if len(users) < split.num_cases(which):  # a sample: the per-protocol extras need every case
+        out = ranking_metrics(torch.cat(ranks))
+        out["users"] = len(users)
+        return out
+    return protocol_metrics(split, which, torch.cat(ranks), torch.cat(tops) if tops else None)
 
 
 def use_full_softmax(config: Config, num_items: int) -> bool:
@@ -189,11 +201,13 @@ class NextItemLoss(nn.Module):
         keep = targets >= 0
         t = targets[keep]  # (n,) this process's positives
         t_all, world = all_gather_ids(t)  # (N,) the global batch's positives
-        needed = None if self.full else torch.unique(torch.cat([inputs[mask.bool()], t_all, uniform]))
+        # Full softmax: every item training may see (items 0 .. num_items - 1; new items of cold-items are not).
+        needed = torch.unique(torch.cat([inputs[mask.bool()], t_all, uniform])) if not self.full else (
+            None if self.num_items == self.bank.size else torch.arange(self.num_items, device=dev))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             emb = self.bank.encode(model, needed, dropout=self.modality_dropout)  # (M, D)
             pos_of = None
-            if needed is not None:
+            if not self.full:
                 pos_of = torch.full((self.num_items,), -1, dtype=torch.long, device=dev)
                 pos_of[needed] = torch.arange(len(needed), device=dev)
             x = emb[inputs] if pos_of is None else emb[pos_of[inputs]]  # (B, T, D)
@@ -201,7 +215,7 @@ class NextItemLoss(nn.Module):
                                                 None if self.titles is None else self.titles[inputs], prefix)
             u = states[keep].float()  # (n, D)
         scale = world / max(1, len(t_all))
-        if pos_of is None:  # full softmax: every training item is a candidate
+        if self.full:  # full softmax: every training item is a candidate
             return info_nce(u, emb.float(), t, model.logit_scale, reduction="sum") * scale
         cand = torch.unique(torch.cat([t_all, uniform]))  # sorted: positives of the global batch + negatives
         logq = inclusion_logq(self.freq[cand], len(t_all), len(uniform), self.num_items).float()
@@ -236,7 +250,9 @@ def refit_wanted(setting: bool | str, split: Split) -> bool:
     counts = np.zeros(split.num_items, dtype=np.int64)
     for u in range(split.num_users):
         np.add.at(counts, split.train_seq(u), 1)
-    thin = float(np.mean([counts[split.valid_target(u)] < THIN_COUNT for u in range(split.num_users)]))
+    # The validation items the refit would add: those of users and items training sees (all of them, warm).
+    added = [split.valid_target(u) for u in range(split.num_users) if u not in split.cold_users]
+    thin = float(np.mean([counts[t] < THIN_COUNT for t in added if t < split.num_train_items]))
     wanted = thin >= THIN_SHARE
     logger.info("%.1f%% of validation targets have fewer than %d training interactions: train.refit auto -> %s",
                 100 * thin, THIN_COUNT, wanted)
@@ -270,11 +286,11 @@ class SequenceTrainer:
             logger.info("short histories (mean window %.1f of up to %d items): batches of similar length "
                         "(train.length_buckets auto -> %d)", float(np.mean(self.lengths)), max(self.lengths),
                         self.buckets)
-        self.full = use_full_softmax(config, split.num_items)
-        freq = torch.bincount(windows.targets[windows.targets >= 0], minlength=split.num_items).double()
+        self.full = use_full_softmax(config, split.num_train_items)
+        freq = torch.bincount(windows.targets[windows.targets >= 0], minlength=split.num_train_items).double()
         freq = (freq / freq.sum().clamp(min=1)).to(device)  # how often each item is a training target
         tc = config.train
-        self.objective = NextItemLoss(model, bank, split.num_items, self.full, freq, config.item.modality_dropout,
+        self.objective = NextItemLoss(model, bank, split.num_train_items, self.full, freq, config.item.modality_dropout,
                                       autocast=device.type == "cuda", titles=titles)  # bf16 on CUDA only
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.step_fn = self.objective
@@ -308,7 +324,7 @@ class SequenceTrainer:
                                  (self.windows.inputs, self.windows.mask, self.windows.targets))
         uniform = None
         if not self.full:
-            uniform = torch.randint(0, self.split.num_items, (self.config.train.num_negatives,),
+            uniform = torch.randint(0, self.split.num_train_items, (self.config.train.num_negatives,),
                                     generator=self.gen).to(self.device)
         prefix = None if self.windows.prefix is None else self.windows.prefix[idx].to(self.device)
         return self.step_fn(inputs, mask, targets, uniform, prefix)
@@ -408,7 +424,7 @@ def fit_sequence(config: Config, model: TwoTower, bank, split: Split, device, pr
             logger.info("refit epoch %d loss %.4f", epoch, history[-1]["loss"])
         model.eval()
         return refit_epochs - 1, history
-    eval_users = list(range(split.num_users))
+    eval_users = list(range(split.num_cases("valid")))
     if config.train.eval_users and config.train.eval_users < len(eval_users):
         eval_users = sorted(random.Random(config.train.seed).sample(eval_users, config.train.eval_users))
     best = BestEpoch(config.train.patience)
