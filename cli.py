@@ -52,24 +52,38 @@ def cmd_train(args) -> None:
 
         resolve_device(args.device)  # an unknown or absent device is named as such, before any work
         overrides.append(f"train.device={args.device}")
-    if args.resume_from is not None and args.config is None:  # re-fine-tuning: the run's own config
+    if args.zero_shot:
+        if args.init_from is None:
+            from errors import ConfigError
+
+            raise ConfigError("--zero-shot serves another catalog with a run's towers: give --init-from RUN")
+        overrides.append("item.id_embedding=false")  # the source's ids name its own items: content alone
+    source = args.resume_from or args.init_from
+    if source is not None and args.config is None:  # re-fine-tuning or transfer: the source run's own config
         from configs import config_from_dict
         from data.rundir import RunDir
 
-        source = RunDir(args.resume_from).require()
+        source = RunDir(source).require()
         config = config_from_dict(source.read_config().to_dict(), overrides, source=str(source.config_path))
     else:
         config = load_config(args.config or "hllm", overrides)
     result = train(config, args.catalog, args.run, progress=not (args.quiet or args.json), overwrite=args.overwrite,
-                   resume=args.resume, resume_from=args.resume_from)
+                   resume=args.resume, resume_from=args.resume_from, init_from=args.init_from,
+                   zero_shot=args.zero_shot)
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, process 0 reports
         return
     if args.json:
         print(json.dumps({"run": str(result.run_dir), "protocol": config.data.protocol, "best_epoch": result.best_epoch,
                           "valid": result.valid, "test_retrieval": result.test, "seconds": round(result.seconds, 1),
-                          "refit_epochs": result.refit["epochs"] if result.refit else 0}))
+                          "refit_epochs": result.refit["epochs"] if result.refit else 0,
+                          **({"transfer": result.transfer} if result.transfer else {})}))
         return
     v, t = result.valid, result.test
+    if args.zero_shot:
+        print(f"zero-shot {result.run_dir}: the towers of {args.init_from}, untrained here, content alone (no id "
+              f"vectors): valid NDCG@10 {v['ndcg@10']:.4f} Recall@10 {v['recall@10']:.4f}, test NDCG@10 "
+              f"{t['ndcg@10']:.4f} Recall@10 {t['recall@10']:.4f} ({result.seconds:.1f} s)")
+        return
     refit = f", refit {result.refit['epochs']} epochs with the validation items" if result.refit else ""
     print(f"trained {result.run_dir}: best epoch {result.best_epoch} of {len(result.history)}, valid NDCG@10 "
           f"{v['ndcg@10']:.4f} Recall@10 {v['recall@10']:.4f}{refit}, test NDCG@10 {t['ndcg@10']:.4f} Recall@10 "
@@ -275,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what validation and test hold out (data.protocol; default warm): warm (leave-one-out), "
                         "cold-items (a seeded 10%% of items never trained on) or cold-users (users never trained "
                         "on, scored from their first 1, 3 and 5 items); `evaluate` scores the run's own")
+    s.add_argument("--init-from", metavar="RUN",
+                   help="transfer from a run trained on another catalog: every weight but the id vectors, which "
+                        "start fresh (default config: that run's)")
+    s.add_argument("--zero-shot", action="store_true",
+                   help="with --init-from: no training; the transferred towers serve this catalog from content "
+                        "alone (no id vectors), scored on its validation and test users")
     s.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the config's train.device)")
     s.add_argument("--quiet", action="store_true", help="no progress bars (they show only on a terminal anyway)")
     s.add_argument("--json", action="store_true",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,6 +159,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     refit: dict | None = None  # train.refit: {epochs, seconds, history} of the refit that the test scored
+    transfer: dict | None = None  # --init-from: {from: the source run, zero_shot}
 
 
 class ItemBank:
@@ -301,7 +303,8 @@ def fit(config: Config, model: TwoTower, states: UserStates, bank: ItemBank, spl
 
 
 def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress: bool = True,
-          overwrite: bool = False, resume: bool = False, resume_from: str | Path | None = None) -> TrainResult:
+          overwrite: bool = False, resume: bool = False, resume_from: str | Path | None = None,
+          init_from: str | Path | None = None, zero_shot: bool = False) -> TrainResult:
     """Train both towers on a catalog and write a servable run directory.
 
     Args:
@@ -319,6 +322,11 @@ def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress
         resume_from: a trained run to start from (periodic re-fine-tuning on a newer catalog): its weights,
             with the id tables remapped by item id (see :func:`init_from_run`). ``config`` must build the same
             towers (``cli.py train --resume-from`` uses that run's config, plus any ``--set``).
+        init_from: a trained run of *another* catalog to transfer from: every weight but the id vectors (ids
+            name other items there), which start fresh (see :func:`init_from_run` with ``transfer``).
+        zero_shot: with ``init_from``, no training at all: the transferred towers serve the new catalog from
+            content alone (``config`` must have ``item.id_embedding: false``; ``cli.py train --zero-shot`` sets
+            it). Validation and test are scored as usual.
 
     Under ``torchrun`` every process trains on its share of each batch and process 0 writes the run.
 
@@ -328,6 +336,11 @@ def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress
     """
     t0 = time.time()
     run = RunDir(run_dir)
+    if resume_from is not None and init_from is not None:
+        raise ConfigError("--resume-from (the same catalog, newer) and --init-from (another catalog) exclude each "
+                          "other")
+    if zero_shot and (init_from is None or config.item.id_embedding):
+        raise ConfigError("zero-shot serving needs --init-from RUN and item.id_embedding=false (content alone)")
     device, rank, world = init_distributed(resolve_device(config.train.device))
     if world > 1 and config.user.input != "items":
         raise ConfigError("multi-process training (torchrun) needs user.input=items")
@@ -346,25 +359,25 @@ def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress
         seed_everything(config.train.seed)
         data = load_training_data(config, catalog_dir)
         model = build_towers(config, num_ids=data.split.num_train_items).to(device)  # step 2
-        if resume_from is not None:
-            init_from_run(model, resume_from, data.id_items)
+        if resume_from is not None or init_from is not None:
+            init_from_run(model, resume_from or init_from, data.id_items, transfer=init_from is not None)
         bank = build_item_bank(config, model, data, device, progress and rank == 0)
         refit = None
         if config.user.input == "items":  # the LLM reads item embeddings: see train/sequence.py
             split_items = data.catalog.items[data.split_rows]
             titles = title_table(model, split_items["title"].to_list())
             prefixes = prefix_profiles(model, config, split_items)  # None unless user.profile_prefix
-            best_epoch, history = fit_sequence(config, model, bank, data.split, device, progress, resume_path,
-                                               titles, prefixes)
+            best_epoch, history = (-1, []) if zero_shot else fit_sequence(
+                config, model, bank, data.split, device, progress, resume_path, titles, prefixes)
             with torch.no_grad():  # step 6: the best epoch on all validation users
                 valid = evaluate_sequences(model, data.split, bank.encode(model), "valid", titles=titles,
                                            prefixes=prefixes)
-            if refit_wanted(config.train.refit, data.split):  # the same recipe, start and epochs, plus validation items
+            if not zero_shot and refit_wanted(config.train.refit, data.split):  # the same recipe, start and epochs, plus validation items
                 t_refit = time.time()
                 seed_everything(config.train.seed)
                 model = build_towers(config, num_ids=data.split.num_train_items).to(device)
-                if resume_from is not None:
-                    init_from_run(model, resume_from, data.id_items)
+                if resume_from is not None or init_from is not None:
+                    init_from_run(model, resume_from or init_from, data.id_items, transfer=init_from is not None)
                 titles = title_table(model, split_items["title"].to_list())
                 prefixes = prefix_profiles(model, config, split_items)
                 _, refit_history = fit_sequence(config, model, bank, data.split, device, progress, None, titles,
@@ -376,12 +389,15 @@ def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress
                                           prefixes=prefixes)
         else:
             states = build_user_states(config, model, data, device, progress)
-            best_epoch, history = fit(config, model, states, bank, data.split, device, progress)
+            best_epoch, history = (-1, []) if zero_shot else fit(config, model, states, bank, data.split, device,
+                                                                  progress)
             with torch.no_grad():  # step 6: the best epoch on all validation users, then test, scored once
                 item_emb = bank.encode(model)
                 valid = evaluate_positions(model, states, data.split, item_emb, "valid")
                 test = evaluate_positions(model, states, data.split, item_emb, "test")
         result = TrainResult(run.path, best_epoch, valid, test, history, time.time() - t0, refit)
+        if init_from is not None:
+            result.transfer = {"from": str(RunDir(init_from).path), "zero_shot": zero_shot}
         if staged is not None:
             write_run(staged, model, data, result)  # step 7
             run.publish(staged, overwrite)
@@ -395,9 +411,10 @@ def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress
 
 
 ID_TABLES = ("item.ids.weight", "user.table.weight")  # state-dict rows indexed by id-table row
+ID_MODALITY = re.compile(r"item\.fusion\.(proj|gate)\.id\..*")  # the fusion's weights for the id vector
 
 
-def init_from_run(model: TwoTower, source: str | Path, items: ItemSpace) -> dict[str, int]:
+def init_from_run(model: TwoTower, source: str | Path, items: ItemSpace, transfer: bool = False) -> dict[str, int]:
     """Load a trained run's weights into ``model``, whose id tables index ``items`` (the new split's items).
 
     Every checkpointed tensor is copied as it is, except the id tables (the item tower's id vectors and the
@@ -405,14 +422,21 @@ def init_from_run(model: TwoTower, source: str | Path, items: ItemSpace) -> dict
     item's new row; a new item keeps its fresh initialisation and is learned by this training. Catalog items
     outside the new split get no row (cold start: embedded from their content). A tensor the source run
     lacks or has in another shape is a :class:`CheckpointError` (it was trained with another config).
-    Returns ``{"kept": ..., "new": ...}`` id rows.
+
+    ``transfer``: the source run learned *another* catalog, whose ids name other items: no id row is carried
+    over (every one starts fresh), and a ``model`` without id vectors (``item.id_embedding: false``, content
+    alone) leaves the source's id modality behind. Returns ``{"kept": ..., "new": ...}`` id rows.
     """
     src = RunDir(source).require()
     old = load_towers(src, "cpu")
     old_rows = items.to(src.read_id_table())  # (I,) new id row -> the source run's id row, -1 for a new item
+    if transfer:
+        old_rows[:] = -1
     known = torch.from_numpy(np.flatnonzero(old_rows >= 0))
     saved = {k: v for k, v in old.state_dict().items() if is_saved(old, k)}
     target = {k: v for k, v in model.state_dict().items() if is_saved(model, k)}
+    if transfer and not model.config.item.id_embedding:
+        saved = {k: v for k, v in saved.items() if k not in ID_TABLES and not ID_MODALITY.fullmatch(k)}
     missing, unexpected = sorted(set(target) - set(saved)), sorted(set(saved) - set(target))
     if missing or unexpected:
         raise CheckpointError(f"--resume-from {src.path}: its towers do not match this config (missing "
@@ -446,7 +470,8 @@ def write_run(run: RunDir, model: TwoTower, data: TrainingData, result: TrainRes
     run.write_id_table(data.id_items.ids)
     run.write_metrics({"protocol": model.config.data.protocol, "best_epoch": result.best_epoch, "valid": result.valid, "test": result.test,
                        "history": result.history, "seconds": result.seconds,
-                       **({"refit": result.refit} if result.refit else {})})
+                       **({"refit": result.refit} if result.refit else {}),
+                       **({"transfer": result.transfer} if result.transfer else {})})
     plot_curves(result.history, result.best_epoch, run.curves_path,
                 f"{model.config.name}: user.input={model.config.user.input}, best epoch {result.best_epoch}, "
                 f"valid NDCG@10 {result.valid['ndcg@10']:.4f}")
