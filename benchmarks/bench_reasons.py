@@ -54,7 +54,7 @@ def main() -> None:
     for change in args.set:
         key, _, value = change.partition("=")
         rec.configure_rerank(**{key.strip().removeprefix("rerank."): yaml.safe_load(value)})
-    split = split_catalog(rec.config, run.load_catalog(args.catalog))
+    split = split_catalog(rec.config, run.load_catalog(args.catalog), protocol="warm")  # as train-reasons
     users = list(range(split.num_users))
     users = sorted(random.Random(args.seed).sample(users, args.users)) if 0 < args.users < len(users) else users
     out = {"run": str(run.path), "split": args.split, "users": len(users), "threads": torch.get_num_threads(),

@@ -81,18 +81,19 @@ def quality_benchmark(args) -> dict:
     depth = rec.config.rerank.candidates
     split = split_catalog(rec.config, run.load_catalog(args.catalog))
     rng = random.Random(args.seed)
-    users = list(range(split.num_users))
-    test_users = sorted(rng.sample(users, args.users)) if 0 < args.users < len(users) else users
-    valid_users = sorted(rng.sample(users, args.valid_users)) if 0 < args.valid_users < len(users) else users
+    tests, valids = list(range(split.num_cases("test"))), list(range(split.num_cases("valid")))  # the protocol's
+    test_users = sorted(rng.sample(tests, args.users)) if 0 < args.users < len(tests) else tests
+    valid_users = sorted(rng.sample(valids, args.valid_users)) if 0 < args.valid_users < len(valids) else valids
     test_ex = retriever_candidates(rec, split, test_users, "test", depth)
     valid_ex = retriever_candidates(rec, split, valid_users, "valid", depth)
-    out = {"run": str(run.path), "users": len(test_ex), "all_users": split.num_users, "seed": args.seed,
+    out = {"run": str(run.path), "protocol": split.protocol, "users": len(test_ex), "all_users": len(tests),
+           "seed": args.seed,
            "valid_users": len(valid_ex), "depth": depth, "items": split.num_items,
            "target_in_top": round(float(np.mean([e.hit for e in test_ex])), 4),
            "threads": torch.get_num_threads(), "variants": {}}
     out["variants"]["retrieval"] = {"test": rerank_metrics(test_ex, None, 0.0),
                                     "valid": rerank_metrics(valid_ex, None, 0.0)}
-    print(f"{len(test_ex)} test users (of {split.num_users}), {len(valid_ex)} validation users; the target is in "
+    print(f"{len(test_ex)} test users (of {len(tests)}), {len(valid_ex)} validation users; the target is in "
           f"the retriever's top-{depth} for {100 * out['target_in_top']:.1f}% of test users", flush=True)
     for name in args.variants.split(","):
         if name not in VARIANTS:

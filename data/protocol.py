@@ -160,13 +160,14 @@ def leave_one_out(interactions: pl.DataFrame, min_count: int = 5, tie_break: str
     return split
 
 
-def split_catalog(config: Config, catalog: Catalog) -> Split:
-    """The leave-one-out split of a catalog, with the tie-break the config (or the catalog) asks for."""
+def split_catalog(config: Config, catalog: Catalog, protocol: str | None = None) -> Split:
+    """The leave-one-out split of a catalog, with the tie-break the config (or the catalog) asks for, under the
+    config's ``data.protocol`` (or ``protocol``)."""
     tie_break = config.data.tie_break
     if tie_break == "auto":
         tie_break = catalog.meta.get("tie_break", "item_id")
     split = leave_one_out(catalog.interactions, config.data.min_count, tie_break)
-    return apply_protocol(split, config.data.protocol, config.data.cold_share, config.data.cold_seed)
+    return apply_protocol(split, protocol or config.data.protocol, config.data.cold_share, config.data.cold_seed)
 
 
 def apply_protocol(split: Split, protocol: str, share: float = 0.1, seed: int = 0) -> Split:

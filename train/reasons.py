@@ -206,7 +206,8 @@ def train_reasons(run_dir: str | Path, overrides: Sequence[str] = (), catalog_di
     cfg = config.rerank
     rec = recommender or Pipeline.load(run.path, device=device)
     rec.configure_rerank(**dataclasses.asdict(cfg))
-    split = split_catalog(config, run.load_catalog(catalog_dir))
+    # Reasons explain warm recommendations: the leave-one-out split, whatever protocol the towers trained for.
+    split = split_catalog(config, run.load_catalog(catalog_dir), protocol="warm")
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     rows = np.asarray(rec._rows(split.item_ids, "split items"), dtype=np.int64)

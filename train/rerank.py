@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from configs import Config, RerankConfig, config_from_dict
-from data.protocol import Split, list_rank, ranking_metrics, split_catalog
+from data.protocol import Split, held_out, list_rank, ranking_metrics, split_catalog
 from data.rundir import RunDir
 from errors import ConfigError, QueryError
 from rerank.llm import LLMReranker, fuse
@@ -80,20 +80,19 @@ class Example:
 
 def held_out_example(split: Split, u: int, which: Literal["train", "valid", "test"],
                      back: int = 0) -> tuple[int, np.ndarray] | None:
-    """``(target, history)`` in split indices: ``train`` = the training item ``back`` positions before the last
-    one, after the training items before it; ``valid`` / ``test`` as in :func:`data.protocol.held_out`.
-    ``None`` when that history would be empty."""
-    seq = split.sequences[u]
+    """``(target, history)`` in split indices: ``train`` = user ``u``'s training item ``back`` positions before
+    the last one, after the training items before it; ``valid`` / ``test`` = case ``u`` as in
+    :func:`data.protocol.held_out` (user ``u`` under the warm protocol). ``None`` when that history would be
+    empty."""
     if which == "train":
-        end = len(seq) - 2 - back  # never the validation or test item, nor a negative (wrapping) slice end
+        train_seq = split.train_seq(u)  # never a held-out item, a new item or a cold user's
+        end = len(train_seq) - back  # never a negative (wrapping) slice end
         if end < 2:
             return None
-        train_seq = seq[:end]
-        return int(train_seq[-1]), train_seq[:-1]
-    if which == "valid":
-        return int(seq[-2]), seq[:-2]
-    if which == "test":
-        return int(seq[-1]), seq[:-1]
+        return int(train_seq[end - 1]), train_seq[:end - 1]
+    if which in ("valid", "test"):
+        target, history, _ = held_out(split, u, which)
+        return (target, history) if len(history) else None
     raise ValueError(f"which must be 'train', 'valid' or 'test', got {which!r}")
 
 
@@ -265,9 +264,10 @@ def train_reranker(run_dir: str | Path, mode: Literal["listwise", "pointwise", "
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
 
-    users = list(range(split.num_users))
+    users = [u for u in range(split.num_users) if u not in split.cold_users]
+    cases = list(range(split.num_cases("valid")))  # every user, or the protocol's validation cases
     train_users = sorted(rng.sample(users, cfg.train_users)) if 0 < cfg.train_users < len(users) else users
-    valid_users = sorted(rng.sample(users, cfg.eval_users)) if 0 < cfg.eval_users < len(users) else users
+    valid_users = sorted(rng.sample(cases, cfg.eval_users)) if 0 < cfg.eval_users < len(cases) else cases
     positions = cfg.train_positions or (SEQUENCE_POSITIONS if cfg.mode == "sequence" else 1)
     batch_size = cfg.train_batch or (SEQUENCE_BATCH if cfg.mode == "sequence" else 4)
     train_ex = retriever_candidates(rec, split, train_users, "train", cfg.candidates, progress=progress,

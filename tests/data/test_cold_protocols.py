@@ -171,3 +171,23 @@ def test_cli_train_takes_the_protocol(tiny_catalog: Path, tmp_path: Path) -> Non
                           "--run", str(tmp_path / "r2"), "--protocol", "cold"], cwd=root, capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "--protocol" in bad.stderr
+
+
+def test_rerank_examples_follow_the_protocol() -> None:
+    """The reranker fine-tunes on training items only (never a new item or a cold user's) and is validated on
+    the protocol's cases."""
+    from train.rerank import held_out_example
+
+    split = apply_protocol(_split(), "cold-items", share=0.2, seed=3)
+    for u in range(split.num_users):
+        for back in range(4):
+            example = held_out_example(split, u, "train", back)
+            if example is not None:
+                target, history = example
+                assert target < split.num_train_items and (history < split.num_train_items).all()
+    for i in range(split.num_cases("valid")):
+        target, history = held_out_example(split, i, "valid")
+        assert target >= split.num_train_items
+        assert history.tolist() == split.sequences[split.case_user(i, "valid")][:-2].tolist()
+    users = apply_protocol(_split(users=50, length=7), "cold-users", share=0.1, seed=1)
+    assert all(held_out_example(users, u, "train") is None for u in users.cold_users)
