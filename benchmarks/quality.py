@@ -11,7 +11,8 @@ one, a first line ``$ COMMAND``.
 
     python benchmarks/quality.py --catalog microlens-dev=CATALOG [--catalog NAME=CATALOG ...] \\
         --setup pop --setup sasrec --setup default [--set KEY=VALUE ...] [--label after] \\
-        [--engine CHECKOUT] [--peer microlens-dev=LOG] [--protocol cold-items] --runs RUNS_DIR --out results/quality
+        [--engine CHECKOUT] [--peer microlens-dev=LOG] [--protocol cold-items] [--init-from RUN [--zero-shot]] \\
+        --runs RUNS_DIR --out results/quality
 
 Rows accumulate in ``OUT.json`` under the key (catalog, setup, label): running again replaces a row, other
 rows stay, and ``OUT.md`` is rewritten from all of them. ``--engine`` trains with another checkout's
@@ -55,11 +56,13 @@ def parse_pairs(values: list[str], flag: str) -> dict[str, str]:
 
 
 def train_row(engine: Path, catalog: str, setup: str, overrides: list[str], run: Path, threads: int,
-              protocol: str = "warm") -> dict:
+              protocol: str = "warm", init_from: Path | None = None, zero_shot: bool = False) -> dict:
     """One ``cli.py train`` run in a fresh process; its --json line plus wall minutes and the command."""
     cmd = [sys.executable, "cli.py", "train", "--catalog", catalog, "--run", str(run), "--overwrite", "--json"]
     if protocol != "warm":
         cmd += ["--protocol", protocol]
+    if init_from is not None:
+        cmd += ["--init-from", str(init_from)] + (["--zero-shot"] if zero_shot else [])
     if setup != "default":
         cmd += ["--config", setup]
     for o in overrides:
@@ -193,6 +196,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="writes OUT.json (rows accumulate) and OUT.md")
     ap.add_argument("--protocol", default="warm", choices=("warm", "cold-items", "cold-users"),
                     help="what validation and test hold out (train --protocol); rows are named 'NAME PROTOCOL'")
+    ap.add_argument("--init-from", type=Path, metavar="RUN",
+                    help="transfer: train from a run of another catalog (train --init-from; default setup: its config)")
+    ap.add_argument("--zero-shot", action="store_true", help="with --init-from: no training (train --zero-shot)")
     ap.add_argument("--drop-test", action="store_true",
                     help="validation only: each catalog without its users' test items (written under --runs), so "
                          "its test target is the real validation target; rows are named 'NAME without test'")
@@ -202,6 +208,8 @@ def main() -> None:
     trained = [s for s in args.setup if s != "pop"]
     if trained and args.runs is None:
         sys.exit("--runs is required to train " + ", ".join(trained))
+    if args.zero_shot and args.init_from is None:
+        sys.exit("--zero-shot needs --init-from RUN")
     path = args.out.with_suffix(".json")
 
     def put(row: dict) -> None:
@@ -247,7 +255,8 @@ def main() -> None:
             run = args.runs / re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{name}-{setup}-{args.label}")
             put({"catalog": name, "setup": setup, "label": args.label, "overrides": args.set,
                  **train_row(args.engine.resolve(), str(Path(catalog).resolve()), setup, args.set, run.resolve(),
-                             args.threads, args.protocol)})
+                             args.threads, args.protocol, args.init_from and args.init_from.resolve(),
+                             args.zero_shot)})
 
 
 if __name__ == "__main__":

@@ -73,6 +73,25 @@ def test_quality_writes_rows_that_accumulate(tmp_path: Path) -> None:
     assert rows["synth without test"]["test"] == rows["synth"]["valid"]
     assert "--drop-test" in rows["synth without test"]["command"]
 
+    # --protocol cold-items: rows of their own, the share of new items in the top 10 reported
+    proc = _quality(tmp_path, "--catalog", f"synth={catalog}", "--setup", "pop", "--setup", "tiny", "--set",
+                    "train.epochs=1", "--set", "user.input=items", "--protocol", "cold-items", "--runs",
+                    str(tmp_path / "runs"))
+    assert proc.returncode == 0, proc.stderr
+    cold = {r["setup"]: r for r in json.loads((tmp_path / "q" / "quality.json").read_text())
+            if r["catalog"] == "synth cold-items"}
+    assert set(cold) == {"pop", "tiny"} and "--protocol cold-items" in cold["tiny"]["command"]
+    assert cold["pop"]["test"]["cold_share@10"] == 0.0 and 0 <= cold["tiny"]["test"]["cold_share@10"] <= 1
+    assert cold["tiny"]["test"]["users"] == cold["pop"]["test"]["users"] > 0
+    assert "new items:" in (tmp_path / "q" / "quality.md").read_text()
+
+    # --init-from RUN --zero-shot: the tiny run's towers on the same catalog, untrained, content alone
+    proc = _quality(tmp_path, "--catalog", f"synth={catalog}", "--setup", "tiny", "--label", "zero-shot",
+                    "--init-from", str(run), "--zero-shot", "--set", "train.epochs=1", "--runs", str(tmp_path / "runs"))
+    assert proc.returncode == 0, proc.stderr
+    zero = [r for r in json.loads((tmp_path / "q" / "quality.json").read_text()) if r["label"] == "zero-shot"][0]
+    assert f"--init-from {run.resolve()} --zero-shot" in zero["command"] and zero["epochs"] == 0
+
 
 def test_quality_refuses_what_it_cannot_use(tmp_path: Path) -> None:
     (tmp_path / "unfinished.log").write_text("synth: 1200 interactions\n")
@@ -82,3 +101,5 @@ def test_quality_refuses_what_it_cannot_use(tmp_path: Path) -> None:
     assert proc.returncode != 0 and "--runs is required" in proc.stderr
     proc = _quality(tmp_path, "--catalog", "no-equals-sign")
     assert proc.returncode != 0 and "NAME=PATH" in proc.stderr
+    proc = _quality(tmp_path, "--catalog", f"synth={tmp_path}", "--setup", "tiny", "--runs", str(tmp_path), "--zero-shot")
+    assert proc.returncode != 0 and "--zero-shot needs --init-from" in proc.stderr
