@@ -240,7 +240,8 @@ def cmd_serve(args) -> None:
 
     serve(args.run, host=args.host, port=args.port, device=args.device, catalog_dir=args.catalog,
           poll_s=args.poll, access_log=getattr(args, "verbose", False),
-          on_ready=lambda url: print(f"serving {args.run} on {url} (Ctrl-C stops)", flush=True))
+          on_ready=lambda url: print(f"serving {args.run} on {url} (Ctrl-C stops)", flush=True),
+          batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms, batch_items=args.batch_items)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -390,6 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--catalog", help="catalog whose posters the page shows (default: the run's)")
     s.add_argument("--poll", type=float, default=1.0, metavar="SECONDS",
                    help="how often index/LIVE is checked for a new version (0: never reload)")
+    s.add_argument("--batch-size", type=int, default=32,
+                   help="dynamic batching: at most this many concurrent /recommend requests share one user-tower "
+                        "forward and search (1: one request at a time)")
+    s.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long a batch waits for requests already on their way (a lone request never waits)")
+    s.add_argument("--batch-items", type=int, default=50_000,
+                   help="at most this many history items per batch (the user-tower forward's memory)")
     s.set_defaults(func=cmd_serve)
     return p
 

@@ -17,11 +17,13 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from errors import CheckpointError, ConfigError, QueryError
+from errors import CheckpointError, ConfigError, QueryError, TowerrecError
+from index.batch import Query, retrieve_each
 from index.recommender import Recommendation, Recommender, Results, id_list, one_query
 
 logger = logging.getLogger(__name__)
 
+RECOMMEND_ARGS = frozenset({"user_id", "history", "k", "rerank", "exclude", "allow", "deny", "where", "explain"})
 EXPLAIN_CANDIDATES = 3  # a reason may quote the history items with the most evidence for the recommendation: this many
 
 
@@ -79,6 +81,53 @@ class Pipeline:
         passes). Each result's ``latency_ms`` is the whole batch's."""
         return self._recommend(user_ids, histories, k, rerank, None, allow, deny, where, explain,
                                time.perf_counter())
+
+    def recommend_each(self, calls: Sequence[dict], started: Sequence[float] | None = None) -> list:
+        """Many independent :meth:`recommend` calls at once (the server's dynamic batches): ``calls`` holds each
+        one's keyword arguments. Every history goes through one user-tower pass, calls with the same filters share
+        one search (:func:`index.batch.retrieve_each`), and the calls that rerank share the reranker's batch. A
+        bad call fails alone: its slot holds the :class:`errors.TowerrecError` it raised, the others are answered.
+        ``started``: when each call arrived (its ``latency_ms`` counts from there; default: now)."""
+        now = time.perf_counter()
+        started = [now] * len(calls) if started is None else list(started)
+        out: list = [None] * len(calls)
+        queries, flags = [], []
+        for c in calls:
+            unknown = set(c) - RECOMMEND_ARGS
+            if unknown:
+                raise QueryError(f"recommend_each: unknown argument(s) {sorted(unknown)}")
+            rerank = self.config.rerank.enabled if c.get("rerank") is None else bool(c["rerank"])
+            k = c.get("k", 10)
+            queries.append(Query(c.get("user_id"), c.get("history"), k,
+                                 self.config.rerank.candidates if rerank else 0, c.get("exclude"), c.get("allow"),
+                                 c.get("deny"), c.get("where")))
+            flags.append((rerank, bool(c.get("explain", False))))
+        found = retrieve_each(self.retriever, queries)
+        ok = [i for i, f in enumerate(found) if not isinstance(f, TowerrecError)]
+        lists = {i: found[i].lists[0] for i in ok}
+        todo = [i for i in ok if flags[i][0]]
+        try:
+            if todo:
+                for i, recs in zip(todo, self.rerank_batch([found[i].histories[0] for i in todo],
+                                                           [lists[i] for i in todo])):
+                    lists[i] = recs
+        except TowerrecError as err:  # the reranker itself failed: every call that asked for it fails with it
+            for i in todo:
+                found[i] = err
+        for i, f in enumerate(found):
+            if isinstance(f, TowerrecError):
+                out[i] = f
+                continue
+            k = queries[i].k
+            recs = lists[i]
+            try:
+                if flags[i][1] and recs:
+                    recs = [dataclasses.replace(r, reason=str(x), reason_source=x.source, reason_cites=tuple(x.cites))
+                            for r, x in zip(recs[:k], self.explain(f.histories[0], recs[:k]))]
+                out[i] = self.retriever.answer(f, [recs], k, started[i])[0]
+            except TowerrecError as err:
+                out[i] = err
+        return out
 
     def _recommend(self, user_ids, histories, k, rerank, exclude, allow, deny, where, explain: bool,
                    started: float) -> list[Results]:

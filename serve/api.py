@@ -49,6 +49,7 @@ from starlette.exceptions import HTTPException
 from data.ids import id_forms
 from errors import CatalogError, ConfigError, MediaError, QueryError, TowerrecError
 from index.recommender import MAX_K
+from serve.batching import MAX_BATCH, MAX_ITEMS, MAX_WAIT_MS, Batcher
 from serve.live import LiveRecommender, Served
 from serve.media import CatalogMedia
 
@@ -244,11 +245,27 @@ class BodySizeLimit:
 # --- answers ------------------------------------------------------------------------------------------------
 
 
-class Api:
-    """The handlers' shared state: the live recommender and the catalog media."""
+class AnnounceRecommend:
+    """ASGI middleware: a ``POST /recommend`` is announced to the batcher as soon as it arrives, before its body is
+    read, so that a batch being gathered waits for it (:meth:`serve.batching.Batcher.coming`)."""
 
-    def __init__(self, live: LiveRecommender, media: CatalogMedia):
-        self.live, self.media = live, media
+    def __init__(self, app, batcher: Batcher):
+        self.app, self.batcher = app, batcher
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") != "/recommend":
+            return await self.app(scope, receive, send)
+        with self.batcher.coming() as ticket:
+            scope.setdefault("state", {})["batch_ticket"] = ticket
+            await self.app(scope, receive, send)
+
+
+class Api:
+    """The handlers' shared state: the live recommender, the catalog media and the batcher (None: each request
+    is answered on its own, under its version's lock)."""
+
+    def __init__(self, live: LiveRecommender, media: CatalogMedia, batcher: Batcher | None = None):
+        self.live, self.media, self.batcher = live, media, batcher
 
     def image_url(self, item_id) -> str | None:
         return f"/items/{quote(str(item_id), safe='')}/image" if self.media.has_image(item_id) else None
@@ -277,13 +294,16 @@ class Api:
                 return form
         raise HTTPException(404, f"unknown user_id {user_id!r}; pass history=[item ids] for a new user")
 
-    def recommend(self, req: RecommendRequest) -> JSONResponse:
+    def recommend(self, req: RecommendRequest, ticket=None) -> JSONResponse:
         served = self.live.current  # this request's version, to the end
         user = self.user_key(served, req.user_id) if req.user_id is not None else None
+        call = {"user_id": user, "history": req.history, "k": req.k, "rerank": req.rerank, "exclude": req.exclude,
+                "allow": req.allow, "deny": req.deny, "where": req.where, "explain": req.explain}
+        if self.batcher is not None:
+            items = len(req.history) if req.history is not None else len(served.rec.histories[user])
+            return self.result(self.batcher.submit(served, call, items, ticket))
         with served.lock:
-            result = served.rec.recommend(user_id=user, history=req.history, k=req.k, rerank=req.rerank,
-                                          exclude=req.exclude, allow=req.allow, deny=req.deny, where=req.where,
-                                          explain=req.explain)
+            result = served.rec.recommend(**call)
         return self.result(result)
 
     def similar(self, item_id, k: int, allow, deny, where) -> JSONResponse:
@@ -296,28 +316,35 @@ class Api:
 
 
 def create_app(live: LiveRecommender, media: CatalogMedia, max_body: int = MAX_BODY, watch: bool = True,
-               on_ready: Callable[[], None] | None = None) -> FastAPI:
+               on_ready: Callable[[], None] | None = None, batcher: Batcher | None = None) -> FastAPI:
     """The FastAPI app over ``live``; ``watch`` starts its LIVE watcher with the app and stops it after.
 
-    ``on_ready`` is called once the app has started (the CLI prints its address then).
+    ``on_ready`` is called once the app has started (the CLI prints its address then). ``batcher``: answer
+    ``POST /recommend`` in dynamic batches (:mod:`serve.batching`); None answers each request on its own.
     """
-    api = Api(live, media)
+    api = Api(live, media, batcher)
     page = PAGE.read_text(encoding="utf-8")
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         if watch:
             live.start()
+        if batcher is not None:
+            batcher.start()
         if on_ready is not None:
             on_ready()
         try:
             yield
         finally:
             live.stop()
+            if batcher is not None:
+                batcher.stop()
 
     # No /docs: Swagger UI loads from a CDN, and nothing here may need the network. /openapi.json stays.
     app = FastAPI(title="towerrec", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(BodySizeLimit, max_bytes=max_body)
+    if batcher is not None:
+        app.add_middleware(AnnounceRecommend, batcher=batcher)
     app.add_middleware(CatchBugs)  # added last: the outermost, so it also sees BodySizeLimit's failures
 
     @app.exception_handler(TowerrecError)
@@ -362,8 +389,8 @@ def create_app(live: LiveRecommender, media: CatalogMedia, max_body: int = MAX_B
                 "rerank_default": bool(served.rec.config.rerank.enabled)}
 
     @app.post("/recommend")
-    def recommend(req: RecommendRequest):
-        return api.recommend(req)
+    def recommend(req: RecommendRequest, request: Request):
+        return api.recommend(req, getattr(request.state, "batch_ticket", None))
 
     @app.get("/similar")
     def similar_get(item_id: Annotated[str, Query(min_length=1, max_length=MAX_ID_CHARS)],
@@ -424,7 +451,8 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
           catalog_dir: str | Path | None = None, poll_s: float = 1.0, access_log: bool = False,
-          on_ready: Callable[[str], None] | None = None) -> None:
+          on_ready: Callable[[str], None] | None = None, batch_size: int = MAX_BATCH,
+          batch_wait_ms: float = MAX_WAIT_MS, batch_items: int = MAX_ITEMS) -> None:
     """Serve ``run_dir``'s live index over HTTP until interrupted, reloading when a new version goes live.
 
     Args:
@@ -435,9 +463,13 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, device
         poll_s: how often the ``index/LIVE`` pointer is read (0: never reload).
         access_log: log one line per request (INFO, logger ``uvicorn.access``).
         on_ready: called with the base URL once the server is up.
+        batch_size, batch_wait_ms, batch_items: dynamic batching of ``POST /recommend`` (:mod:`serve.batching`):
+            at most this many requests per batch, gathered for at most this long, holding at most this many
+            history items. ``batch_size=1`` answers one request at a time.
     """
     import uvicorn
 
+    batcher = Batcher(batch_size, batch_wait_ms, batch_items)  # bad settings fail before anything is loaded
     sock = bind(host, port)  # before the slow load: an address in use fails at once
     try:
         live = LiveRecommender(run_dir, device=device, poll_s=poll_s)
@@ -445,7 +477,8 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, device
         bound = sock.getsockname()
         shown = f"[{bound[0]}]" if sock.family == socket.AF_INET6 else bound[0]
         url = f"http://{shown}:{bound[1]}"
-        app = create_app(live, media, on_ready=None if on_ready is None else (lambda: on_ready(url)))
+        app = create_app(live, media, on_ready=None if on_ready is None else (lambda: on_ready(url)),
+                         batcher=batcher)
         # log_config=None: uvicorn's loggers go through the caller's logging set-up (the CLI's).
         config = uvicorn.Config(app, log_config=None, access_log=access_log, workers=1)
         uvicorn.Server(config).run(sockets=[sock])

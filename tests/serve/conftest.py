@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from serve.api import bind, create_app
+from serve.batching import Batcher
 from serve.live import LiveRecommender
 from serve.media import CatalogMedia
 
@@ -22,16 +23,20 @@ class Running:
     url: str
     live: LiveRecommender
     client: httpx.Client
+    batcher: Batcher | None = None
 
 
 @contextmanager
-def running_server(run_dir: Path, poll_s: float = 0.0, max_body: int | None = None) -> Iterator[Running]:
-    """Serve ``run_dir`` over real HTTP (uvicorn on 127.0.0.1, any free port) until the block ends."""
+def running_server(run_dir: Path, poll_s: float = 0.0, max_body: int | None = None,
+                   batcher: Batcher | None | str = "default") -> Iterator[Running]:
+    """Serve ``run_dir`` over real HTTP (uvicorn on 127.0.0.1, any free port) until the block ends, with dynamic
+    batching as ``serve`` has it (``batcher=None``: each request on its own)."""
     import uvicorn
 
     live = LiveRecommender(run_dir, device="cpu", poll_s=poll_s)
     kwargs = {} if max_body is None else {"max_body": max_body}
-    app = create_app(live, CatalogMedia.for_run(run_dir), **kwargs)
+    batcher = Batcher() if batcher == "default" else batcher
+    app = create_app(live, CatalogMedia.for_run(run_dir), batcher=batcher, **kwargs)
     sock = bind("127.0.0.1", 0)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
@@ -44,7 +49,7 @@ def running_server(run_dir: Path, poll_s: float = 0.0, max_body: int | None = No
         time.sleep(0.02)
     try:
         with httpx.Client(base_url=url, timeout=60) as client:
-            yield Running(url, live, client)
+            yield Running(url, live, client, batcher)
     finally:
         server.should_exit = True
         thread.join(timeout=30)

@@ -283,6 +283,7 @@ def test_towerrec_errors_are_4xx(server, rec, user, monkeypatch, error, status) 
         raise error("the index\nbroke")
 
     monkeypatch.setattr(rec, "recommend", fail)
+    monkeypatch.setattr(rec, "recommend_each", fail)  # the batched path
     res = _post(server, "/recommend", {"user_id": user})
     assert res.status_code == status and res.json() == {"error": "the index broke", "status": status}
 
@@ -293,6 +294,7 @@ def test_a_bug_is_a_json_500(server, rec, user, monkeypatch) -> None:
         raise ZeroDivisionError("oops /srv/secret")
 
     monkeypatch.setattr(rec, "recommend", bug)
+    monkeypatch.setattr(rec, "recommend_each", bug)  # the batched path
     res = _post(server, "/recommend", {"user_id": user})
     assert res.status_code == 500 and res.headers["content-type"] == "application/json"
     body = res.json()

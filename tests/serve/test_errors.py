@@ -21,6 +21,7 @@ def test_a_bug_is_logged_once(server, monkeypatch, caplog: pytest.LogCaptureFixt
         raise ZeroDivisionError("oops")
 
     monkeypatch.setattr(rec, "recommend", bug)
+    monkeypatch.setattr(rec, "recommend_each", bug)  # the batched path
     caplog.set_level(logging.INFO)
     res = server.client.post("/recommend", json={"history": [rec.item_ids[0]], "rerank": False})
     assert res.status_code == 500
