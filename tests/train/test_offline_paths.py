@@ -168,7 +168,7 @@ def test_catalog_negatives_and_two_windows_train_end_to_end(tiny_catalog: Path, 
 
 def test_early_stopping_saves_the_best_epoch_not_the_last(tiny_catalog: Path, tmp_path: Path) -> None:
     epochs = 10
-    config = load_config("tiny", OFFLINE_LIKE + [f"train.epochs={epochs}", "train.patience=1", "train.lr=0.05"])
+    config = load_config("tiny", OFFLINE_LIKE + [f"train.epochs={epochs}", "train.patience=1", "train.lr=0.03"])
     result = train(config, tiny_catalog, tmp_path / "run", progress=False)
     history = [h["ndcg@10"] for h in result.history]
     assert len(history) < epochs  # stopped early
