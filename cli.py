@@ -32,12 +32,40 @@ def _mapping(pairs: list[str]) -> dict[str, str]:
 
 def cmd_prepare(args) -> None:
     from data.importers import prepare
+    from data.tombstones import Tombstones
+    from errors import CatalogError
 
+    erased = Tombstones()
+    for path in args.tombstones:  # Tombstones.read would take a missing file for an empty list
+        if not os.path.isfile(path):
+            raise CatalogError(f"--tombstones {path}: file not found")
+        erased.update(Tombstones.read(path))
     cat = prepare(args.format, args.out, src=args.src, items=args.items, interactions=args.interactions,
                   mapping=_mapping(args.map), media_root=args.media_root,
-                  drop_unknown_items=args.drop_unknown_items, overwrite=args.overwrite)
+                  drop_unknown_items=args.drop_unknown_items, overwrite=args.overwrite, tombstones=erased)
     print(f"catalog {args.out}: {cat.items.height} items, {cat.interactions.height} interactions, "
           f"{cat.interactions['user_id'].n_unique()} users")
+
+
+def _forget_doc() -> str:
+    return ("Removes the user's interactions from the catalog (a new version replaces it) and the run's serving "
+            "histories, and lists the user's salted hash in both folders' tombstones.json, which prepare, train "
+            "and reindex honour. A server drops the user at its next reload. The weights keep what they learned "
+            "while the user was present: a new `train --catalog CATALOG --run NEW` (not --resume-from, which starts "
+            "from these weights) trains without them.")
+
+
+def cmd_forget(args) -> None:
+    from data.forget import forget
+
+    out = forget(args.run, args.user, args.catalog)
+    if args.json:
+        print(json.dumps(out))
+        return
+    print(f"forgot user {args.user!r}: {out['catalog_interactions']} interactions removed from {out['catalog']}, "
+          f"{out['history_rows']} history rows from {out['run']}; its salted hash is in both tombstone lists. The "
+          f"weights still hold what they learned from this user: `train --catalog {out['catalog']} --run NEW` trains "
+          "without them.")
 
 
 def cmd_train(args) -> None:
@@ -241,7 +269,8 @@ def cmd_serve(args) -> None:
     serve(args.run, host=args.host, port=args.port, device=args.device, catalog_dir=args.catalog,
           poll_s=args.poll, access_log=getattr(args, "verbose", False),
           on_ready=lambda url: print(f"serving {args.run} on {url} (Ctrl-C stops)", flush=True),
-          batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms, batch_items=args.batch_items)
+          batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms, batch_items=args.batch_items,
+          allow_forget=args.allow_forget)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,8 +298,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generic: drop interactions whose item is not in the items table instead of failing")
     s.add_argument("--out", required=True, help="catalog folder to write (new or empty)")
     s.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier catalog at --out (never a file, nor a folder with other files)")
+                   help="replace an earlier catalog at --out (never a file, nor a folder with other files); "
+                        "the users erased from it stay erased")
+    s.add_argument("--tombstones", action="append", default=[], metavar="FILE",
+                   help="a tombstones.json (of a catalog or run) whose erased users this import leaves out")
     s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("forget", parents=[common], help="erase a user from a run and its catalog (right to erasure)",
+                       description=" ".join(_forget_doc().split()))
+    s.add_argument("--run", required=True)
+    s.add_argument("--user", required=True, help="the user id, as in the catalog")
+    s.add_argument("--catalog", help="where the run's catalog is now (default: where it was trained)")
+    s.add_argument("--json", action="store_true", help="print what was removed as one JSON line")
+    s.set_defaults(func=cmd_forget)
 
     s = sub.add_parser("train", parents=[common], help="train both towers and write a run directory")
     s.add_argument("--config", help="setup name (hllm: the default; sasrec, demo, offline, tiny, hub) or a YAML/JSON "
@@ -398,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a batch waits for requests already on their way (a lone request never waits)")
     s.add_argument("--batch-items", type=int, default=50_000,
                    help="at most this many history items per batch (the user-tower forward's memory)")
+    s.add_argument("--allow-forget", action="store_true",
+                   help="let DELETE /users/{id} erase a user (as `forget` does); off: it answers 403")
     s.set_defaults(func=cmd_serve)
     return p
 
@@ -415,7 +457,7 @@ def _index_work_args(s: argparse.ArgumentParser) -> None:
 
 # Subcommands that read an existing run (``--run``); ``train`` writes one, and ``serve`` checks its address
 # first (then names a missing run before loading anything).
-NEEDS_RUN = ("build-index", "reindex", "query", "train-rerank", "train-reasons", "evaluate")
+NEEDS_RUN = ("build-index", "reindex", "query", "train-rerank", "train-reasons", "evaluate", "forget")
 
 # towerrec's own loggers (``logging.getLogger(__name__)`` in these packages).
 OWN_LOGGERS = ("cli", "configs", "data", "index", "serve", "towers", "train", "__main__")

@@ -51,6 +51,7 @@ from data.columns import (
 from data.ids import as_item_ids, normalise_ids
 from data.media import check_audio, check_image
 from data.tables import read_table
+from data.tombstones import TOMBSTONES_FILE, Tombstones
 from errors import CatalogError, MediaError
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,8 @@ INTERACTIONS_FILE = "interactions.parquet"
 META_FILE = "catalog.json"
 MEDIA_DIR = "media"
 # Everything a catalog folder may hold, and its kind: what `prepare --overwrite` may replace (see check_catalog_out).
-CATALOG_ENTRIES = {ITEMS_FILE: "file", INTERACTIONS_FILE: "file", META_FILE: "file", MEDIA_DIR: "folder"}
+CATALOG_ENTRIES = {ITEMS_FILE: "file", INTERACTIONS_FILE: "file", META_FILE: "file", MEDIA_DIR: "folder",
+                   TOMBSTONES_FILE: "file"}
 
 
 @dataclass(frozen=True)
@@ -196,8 +198,12 @@ def validate_interactions(interactions: pl.DataFrame, items: pl.DataFrame, sourc
     return out
 
 
-def load_catalog(root: str | Path) -> Catalog:
-    """Read and validate a catalog folder written by :func:`write_catalog`."""
+def load_catalog(root: str | Path, tombstones: Tombstones | None = None) -> Catalog:
+    """Read and validate a catalog folder written by :func:`write_catalog`.
+
+    The interactions of users erased from it (its ``tombstones.json``), or in ``tombstones`` (a run's list),
+    are dropped: an erased user never reaches training, evaluation or an index, whatever the tables hold.
+    """
     root = Path(root)
     if not root.is_dir():
         raise CatalogError(f"{root}: catalog folder not found (run `towerrec prepare` first)")
@@ -206,6 +212,12 @@ def load_catalog(root: str | Path) -> Catalog:
     items = validate_items(read_table(root / ITEMS_FILE), str(root / ITEMS_FILE), root=root, require_files=False)
     interactions = validate_interactions(read_table(root / INTERACTIONS_FILE), items, str(root / INTERACTIONS_FILE),
                                          stored=True)
+    erased = Tombstones.of(root).update(tombstones or Tombstones())
+    interactions, dropped = erased.drop_users(interactions)
+    if dropped:
+        logger.info("%s: %d interactions of erased users dropped", root, dropped)
+        if interactions.height == 0:
+            raise CatalogError(f"{root / INTERACTIONS_FILE}: no interactions left once erased users are dropped")
     meta_path = root / META_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     return Catalog(root=root, items=items, interactions=interactions, meta=meta)
@@ -326,6 +338,7 @@ def write_catalog(
     interactions_source: str = "interactions",
     overwrite: bool = False,
     inputs: Iterable[tuple[str, str | Path]] = (),
+    tombstones: Tombstones | None = None,
 ) -> Catalog:
     """Validate and write a catalog atomically: built in a temporary folder beside ``out``, then renamed into place.
 
@@ -338,6 +351,9 @@ def write_catalog(
     :func:`check_catalog_out`, which also keeps ``out`` off ``inputs`` and the media source files). The check
     runs before any work and again just before publishing. An earlier catalog is replaced only once the new one
     is complete: an error or an interruption before that leaves it as it was.
+
+    Users erased from the catalog being replaced (its ``tombstones.json``) or in ``tombstones`` are dropped from
+    ``interactions``, and the new catalog keeps both lists: an erased user never comes back with an import.
     """
     media = media or {}
     out = Path(out)
@@ -359,6 +375,14 @@ def write_catalog(
                 raise MediaError(f"{src}: cannot copy into the catalog as {rel!r} ({err})") from None
         items = validate_items(items, items_source, root=tmp, root_name=out)
         interactions = validate_interactions(interactions, items, interactions_source)
+        erased = Tombstones.of(target) if target.is_dir() else Tombstones()
+        erased.update(tombstones or Tombstones())
+        interactions, dropped = erased.drop_users(interactions)
+        if dropped:
+            logger.warning("%s: dropped %d interactions of %d erased users (tombstones)", interactions_source,
+                           dropped, len(erased))
+        if interactions.height == 0:
+            raise CatalogError(f"{interactions_source}: no interactions left once erased users are dropped")
         # After the tables: a wrong column is reported before thousands of files are decoded.
         check_media(items, tmp, items_source, media)
         info = dict(meta or {}, items=items.height, interactions=interactions.height,
@@ -367,6 +391,7 @@ def write_catalog(
             items.write_parquet(tmp / ITEMS_FILE)
             interactions.write_parquet(tmp / INTERACTIONS_FILE)
             (tmp / META_FILE).write_text(json.dumps(info, indent=2))
+            erased.write(tmp)
         except (OSError, pl.exceptions.PolarsError) as err:
             raise CatalogError(f"{out}: cannot write the catalog ({str(err).splitlines()[0]})") from None
         check_catalog_out(out, overwrite, guard)  # the folder may have gained files while this one was built

@@ -33,6 +33,7 @@ from data.catalog import (
 from data.columns import COLUMN_KINDS, check_column_types, require_columns
 from data.formats import FORMATS
 from data.ids import as_item_ids
+from data.tombstones import Tombstones
 from errors import CatalogError
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,8 @@ def register(name: str, required: tuple[str, ...] = (), optional: tuple[str, ...
     return wrap
 
 
-def prepare(format: str, out: str | Path, overwrite: bool = False, **options) -> Catalog:
+def prepare(format: str, out: str | Path, overwrite: bool = False, tombstones: Tombstones | None = None,
+            **options) -> Catalog:
     """Build a catalog at ``out`` from source data in ``format`` (one of :data:`IMPORTERS`).
 
     ``options`` are the importer's own (``src``, ``items``, ``interactions``, ``mapping``, ``media_root``,
@@ -83,6 +85,7 @@ def prepare(format: str, out: str | Path, overwrite: bool = False, **options) ->
     ``out`` must be a new path or an empty folder; an earlier catalog there is replaced only with ``overwrite``
     (``--overwrite``), once the new one is complete. A file, a folder with other files, and a path that is or
     holds one of the inputs are refused, before anything is read (see :func:`data.catalog.check_catalog_out`).
+    Erased users (``tombstones``, and the list of the catalog being replaced) are left out and stay listed.
     """
     importer = IMPORTERS.get(format)
     if importer is None:
@@ -103,7 +106,7 @@ def prepare(format: str, out: str | Path, overwrite: bool = False, **options) ->
     if missing:
         raise CatalogError(f"--format {format} needs {', '.join(flag(o) for o in missing)}")
     check_catalog_out(out, overwrite, _inputs(given))  # before a long import, not only when it is written
-    return importer.run(out, overwrite=overwrite, **given)
+    return importer.run(out, overwrite=overwrite, tombstones=tombstones, **given)
 
 
 def _inputs(options: dict) -> list[tuple[str, Path]]:
@@ -122,8 +125,9 @@ def _ml100k_default_src() -> Path | None:
 
 @register("generic", required=("items", "interactions"), optional=("mapping", "media_root", "drop_unknown_items"))
 def _generic(out, items, interactions, mapping=None, media_root=None, drop_unknown_items=False,
-             overwrite=False) -> Catalog:
-    return prepare_generic(items, interactions, out, mapping, media_root, drop_unknown_items, overwrite=overwrite)
+             overwrite=False, tombstones=None) -> Catalog:
+    return prepare_generic(items, interactions, out, mapping, media_root, drop_unknown_items, overwrite=overwrite,
+                           tombstones=tombstones)
 
 
 def _apply_mapping(mapping: dict[str, str], tables: list[tuple[pl.DataFrame, Path]]) -> list[pl.DataFrame]:
@@ -163,6 +167,7 @@ def prepare_generic(
     drop_unknown_items: bool = False,
     *,
     overwrite: bool = False,
+    tombstones: Tombstones | None = None,
 ) -> Catalog:
     """Build a catalog from any CSV/Parquet pair.
 
@@ -228,7 +233,7 @@ def prepare_generic(
     inputs = [("--items", items_path), ("--interactions", interactions_path), ("--media-root", src_root)]
     return write_catalog(out, items, interactions, media, meta={"source": str(items_path)},
                          items_source=str(items_path), interactions_source=str(interactions_path),
-                         overwrite=overwrite, inputs=inputs)
+                         overwrite=overwrite, tombstones=tombstones, inputs=inputs)
 
 
 def catalog_media_path(media_root: Path, rel: str) -> str:
@@ -249,11 +254,12 @@ def _genres_from_flags(df: pl.DataFrame, names: list[str]) -> pl.Series:
 
 
 @register("movielens-100k", required=("src",), defaults={"src": _ml100k_default_src})
-def _ml100k(out, src, overwrite=False) -> Catalog:
-    return prepare_movielens_100k(src, out, overwrite=overwrite)
+def _ml100k(out, src, overwrite=False, tombstones=None) -> Catalog:
+    return prepare_movielens_100k(src, out, overwrite=overwrite, tombstones=tombstones)
 
 
-def prepare_movielens_100k(src: str | Path, out: str | Path, *, overwrite: bool = False) -> Catalog:
+def prepare_movielens_100k(src: str | Path, out: str | Path, *, overwrite: bool = False,
+                           tombstones: Tombstones | None = None) -> Catalog:
     """Import MovieLens-100K (``u.data``, ``u.item``) plus TMDB ``tmdb/items.csv`` and ``posters/<id>.jpg``."""
     src = Path(src)
     for name in ("u.data", "u.item"):
@@ -301,15 +307,16 @@ def prepare_movielens_100k(src: str | Path, out: str | Path, *, overwrite: bool 
     return write_catalog(out, items, udata, media,
                          meta={"source": str(src), "dataset": "movielens-100k", "tie_break": "input_order"},
                          items_source=str(src / "u.item"), interactions_source=str(src / "u.data"),
-                         overwrite=overwrite, inputs=[("--src", src)])
+                         overwrite=overwrite, tombstones=tombstones, inputs=[("--src", src)])
 
 
 @register("movielens-latest", required=("src",))
-def _ml_latest(out, src, overwrite=False) -> Catalog:
-    return prepare_movielens_latest(src, out, overwrite=overwrite)
+def _ml_latest(out, src, overwrite=False, tombstones=None) -> Catalog:
+    return prepare_movielens_latest(src, out, overwrite=overwrite, tombstones=tombstones)
 
 
-def prepare_movielens_latest(src: str | Path, out: str | Path, *, overwrite: bool = False) -> Catalog:
+def prepare_movielens_latest(src: str | Path, out: str | Path, *, overwrite: bool = False,
+                             tombstones: Tombstones | None = None) -> Catalog:
     """Import MovieLens latest-small (``ratings.csv`` + ``movies.csv``), text only.
 
     As in LlamaRec's protocol, ratings of movies missing from ``movies.csv`` are dropped.
@@ -337,15 +344,16 @@ def prepare_movielens_latest(src: str | Path, out: str | Path, *, overwrite: boo
     return write_catalog(out, items, interactions,
                          meta={"source": str(src), "dataset": "movielens-latest-small", "tie_break": "item_id"},
                          items_source=str(src / "movies.csv"), interactions_source=str(src / "ratings.csv"),
-                         overwrite=overwrite, inputs=[("--src", src)])
+                         overwrite=overwrite, tombstones=tombstones, inputs=[("--src", src)])
 
 
 @register("sequences", required=("src",))
-def _sequences(out, src, overwrite=False) -> Catalog:
-    return prepare_sequences(src, out, overwrite=overwrite)
+def _sequences(out, src, overwrite=False, tombstones=None) -> Catalog:
+    return prepare_sequences(src, out, overwrite=overwrite, tombstones=tombstones)
 
 
-def prepare_sequences(src: str | Path, out: str | Path, *, overwrite: bool = False) -> Catalog:
+def prepare_sequences(src: str | Path, out: str | Path, *, overwrite: bool = False,
+                      tombstones: Tombstones | None = None) -> Catalog:
     """Import whitespace-separated sequences (``src`` is the file, or a folder holding ``user_sequence.txt``).
 
     There are no timestamps: an interaction's position in its line is its timestamp, so the chronological
@@ -382,4 +390,4 @@ def prepare_sequences(src: str | Path, out: str | Path, *, overwrite: bool = Fal
     return write_catalog(out, catalog_items, interactions,
                          meta={"source": str(path), "dataset": path.parent.name, "tie_break": "input_order"},
                          items_source=str(path), interactions_source=str(path),
-                         overwrite=overwrite, inputs=[("--src", src)])
+                         overwrite=overwrite, tombstones=tombstones, inputs=[("--src", src)])

@@ -10,6 +10,7 @@
         catalog_ref.json        path and sha256 of the catalog the run was trained on
         histories.parquet       each training user's history (user_id, position, item_id), test item held out
         id_table.parquet        item ids of the item tower's id-vector rows, in row order
+        tombstones.json         salted hashes of the users erased from the run and its catalog (data.tombstones)
         rerank/                 fine-tuned LLM reranker (`towerrec train-rerank`), one per mode: <mode>.safetensors
                                 (LoRA adapter weights) and <mode>.json (its settings, fusion weight, validation)
         index/
@@ -44,6 +45,7 @@ from configs import Config, config_from_dict
 from data.atomic import publish_dir, temp_dir, write_parquet, write_text
 from data.catalog import Catalog, catalog_sha256, load_catalog
 from data.ids import ItemSpace
+from data.tombstones import TOMBSTONES_FILE, Tombstones
 from errors import CatalogError, CheckpointError, ConfigError
 
 if TYPE_CHECKING:  # data.protocol imports torch; a run's paths and files are read without it
@@ -62,6 +64,7 @@ class RunDir:
     CATALOG_REF = "catalog_ref.json"
     HISTORIES = "histories.parquet"
     ID_TABLE = "id_table.parquet"
+    TOMBSTONES = TOMBSTONES_FILE
     RERANK = "rerank"  # folder of fine-tuned reranker adapters: <mode>.safetensors + <mode>.json
     INDEX = "index"
     # Inside index/: the live pointer, and the files of one version folder.
@@ -199,7 +202,7 @@ class RunDir:
         if not self.path.parent.is_dir():
             return removed
         known = {self.OWNER, self.CONFIG, self.WEIGHTS, self.METRICS, self.CURVES, self.CATALOG_REF,
-                 self.HISTORIES, self.ID_TABLE}
+                 self.HISTORIES, self.ID_TABLE, self.TOMBSTONES}
         for folder in sorted(self.path.parent.glob(f".{self.path.name}{self.STAGING}*")):
             if folder.is_symlink() or not folder.is_dir():
                 continue
@@ -266,7 +269,8 @@ class RunDir:
         """The training catalog, from where it was (or from ``override``), refused if its content changed.
 
         A catalog re-prepared in place would silently change what is evaluated; a moved one is found again
-        through ``override`` and accepted only if it is the same data (same sha256).
+        through ``override`` and accepted only if it is the same data (same sha256). The users erased from the
+        run (its ``tombstones.json``) are dropped, as the catalog's own erased users are.
         """
         ref = self.catalog_ref()
         root = Path(override) if override is not None else Path(ref["path"])
@@ -280,7 +284,7 @@ class RunDir:
                 f"trained on {ref['sha256'][:12]}): it was re-prepared or edited. Retrain, or point --catalog at "
                 "the original catalog"
             )
-        return load_catalog(root)
+        return load_catalog(root, Tombstones.of(self.path))
 
     def catalog_changed(self) -> bool | None:
         """True when the training catalog is still at its recorded path but its content changed; None if absent."""

@@ -52,6 +52,7 @@ import torch.distributed as dist
 from data.catalog import ITEMS_FILE, MEDIA_COLUMNS, catalog_sha256, load_catalog
 from data.ids import ItemSpace, faiss_ids
 from data.rundir import RunDir
+from data.tombstones import Tombstones
 from errors import ConfigError, IndexStateError
 from index.plan import (
     _barrier,
@@ -176,7 +177,7 @@ def _reindex(run: RunDir, config, catalog_dir, full, factory, chunk_size, keep_v
     timings = {}
     catalog_dir, catalog_source = choose_catalog(run, catalog_dir)
     if catalog_dir is not None:
-        catalog, digest = load_catalog(catalog_dir), catalog_sha256(catalog_dir)
+        catalog, digest = load_catalog(catalog_dir, Tombstones.of(run.path)), catalog_sha256(catalog_dir)
     else:  # hash-checked against the run's record, so that record is its hash
         catalog, digest = run.load_catalog(), run.catalog_ref()["sha256"]
     catalog_path = Path(catalog.root).resolve()

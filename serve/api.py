@@ -11,12 +11,14 @@ Endpoints (JSON in and out; every error is a JSON body ``{"error": message, "sta
     POST /similar                   {"item_id", "k", "allow", "deny", "where"}
     GET  /users?offset=&limit=      known users and their history lengths
     GET  /users/{user_id}/history   a user's history (oldest first), with titles and image links
+    DELETE /users/{user_id}         erase the user (serve --allow-forget only; 403 otherwise): serve.erasure
     GET  /items/{item_id}           an item's title and image link
     GET  /items/{item_id}/image     its poster, from the catalog folder (404 when it has none)
 
 Status codes:
 
 - 400: a query towerrec cannot answer (an unknown item in a history, a bad ``where``), or malformed JSON;
+- 403: ``DELETE /users/{user_id}`` on a server started without ``--allow-forget``;
 - 404: an unknown user or item, a route that does not exist, or an item without an image;
 - 409: the served index cannot answer (a towerrec state error: index, checkpoint, model, device);
 - 413: a body over ``max_body`` bytes (64 KiB);
@@ -50,6 +52,7 @@ from data.ids import id_forms
 from errors import CatalogError, ConfigError, MediaError, QueryError, TowerrecError
 from index.recommender import MAX_K
 from serve.batching import MAX_BATCH, MAX_ITEMS, MAX_WAIT_MS, Batcher
+from serve.erasure import add_erasure
 from serve.live import LiveRecommender, Served
 from serve.media import CatalogMedia
 
@@ -316,11 +319,13 @@ class Api:
 
 
 def create_app(live: LiveRecommender, media: CatalogMedia, max_body: int = MAX_BODY, watch: bool = True,
-               on_ready: Callable[[], None] | None = None, batcher: Batcher | None = None) -> FastAPI:
+               on_ready: Callable[[], None] | None = None, batcher: Batcher | None = None,
+               allow_forget: bool = False) -> FastAPI:
     """The FastAPI app over ``live``; ``watch`` starts its LIVE watcher with the app and stops it after.
 
     ``on_ready`` is called once the app has started (the CLI prints its address then). ``batcher``: answer
     ``POST /recommend`` in dynamic batches (:mod:`serve.batching`); None answers each request on its own.
+    ``allow_forget``: ``DELETE /users/{user_id}`` erases the user (:mod:`serve.erasure`).
     """
     api = Api(live, media, batcher)
     page = PAGE.read_text(encoding="utf-8")
@@ -420,6 +425,8 @@ def create_app(live: LiveRecommender, media: CatalogMedia, max_body: int = MAX_B
         return {"user_id": user, "version": served.name,
                 "items": [api.item(served, i) for i in served.rec.histories[user]]}
 
+    add_erasure(app, live, api.user_key, allow_forget)
+
     @app.get("/items/{item_id:path}/image")
     def item_image(item_id: str):
         path = media.image_file(item_id)
@@ -452,7 +459,7 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
           catalog_dir: str | Path | None = None, poll_s: float = 1.0, access_log: bool = False,
           on_ready: Callable[[str], None] | None = None, batch_size: int = MAX_BATCH,
-          batch_wait_ms: float = MAX_WAIT_MS, batch_items: int = MAX_ITEMS) -> None:
+          batch_wait_ms: float = MAX_WAIT_MS, batch_items: int = MAX_ITEMS, allow_forget: bool = False) -> None:
     """Serve ``run_dir``'s live index over HTTP until interrupted, reloading when a new version goes live.
 
     Args:
@@ -466,6 +473,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, device
         batch_size, batch_wait_ms, batch_items: dynamic batching of ``POST /recommend`` (:mod:`serve.batching`):
             at most this many requests per batch, gathered for at most this long, holding at most this many
             history items. ``batch_size=1`` answers one request at a time.
+        allow_forget: enable ``DELETE /users/{user_id}`` (erasure; off by default).
     """
     import uvicorn
 
@@ -478,7 +486,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, device
         shown = f"[{bound[0]}]" if sock.family == socket.AF_INET6 else bound[0]
         url = f"http://{shown}:{bound[1]}"
         app = create_app(live, media, on_ready=None if on_ready is None else (lambda: on_ready(url)),
-                         batcher=batcher)
+                         batcher=batcher, allow_forget=allow_forget)
         # log_config=None: uvicorn's loggers go through the caller's logging set-up (the CLI's).
         config = uvicorn.Config(app, log_config=None, access_log=access_log, workers=1)
         uvicorn.Server(config).run(sockets=[sock])

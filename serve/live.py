@@ -5,7 +5,9 @@ When it names another version, that version is loaded completely (towers, index,
 being served, answers one warm-up query, and only then replaces it in a single assignment. A request takes
 :attr:`LiveRecommender.current` once, at its start, and uses that :class:`Served` to the end: requests in
 flight finish on the old version, and every answer comes from exactly one version. The old version is freed
-when its last request lets go of it.
+when its last request lets go of it. The run's serving histories are watched the same way: when
+``histories.parquet`` is replaced (``towerrec forget`` erased a user), the served version is loaded again, so
+an erased user is unknown within one poll period.
 
 A version that fails to load (missing, corrupt, built for other towers) is logged and reported by
 :attr:`LiveRecommender.reload_error`; the server keeps answering from the version it has, and tries again
@@ -38,6 +40,7 @@ class Served:
     manifest: Manifest
     users: list  # every known user id, sorted (the /users listing pages through it)
     loaded_at: float  # unix time the version went live in this process
+    histories: tuple | None = None  # (inode, size, mtime_ns) of histories.parquet when it was read
     # One query at a time per Pipeline: the tokenizers and the LLM's KV cache are not thread-safe, and on
     # CPU one query already uses the cores torch is given. Versions have their own lock, so a version being
     # warmed up never waits for the one being served.
@@ -82,18 +85,27 @@ class LiveRecommender:
         """
         return live_name(self.run.index_root)
 
+    def _histories_stamp(self) -> tuple | None:
+        try:
+            st = (self.run.path / RunDir.HISTORIES).stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
     def _load(self, name: str) -> Served:
         t0 = time.perf_counter()
+        stamp = self._histories_stamp()  # before reading: a change while loading is seen at the next check
         rec = Pipeline.load(self.run.path, device=self.device, version=name)
         manifest = Manifest.read(self.run.index_root / name / RunDir.MANIFEST)
         users = _sorted_ids(rec.histories)
         if users:  # warm-up: lazy initialisation happens here, not in the first user's request
             rec.recommend(user_id=users[0], k=1, rerank=False)
         logger.info("loaded index version %s in %.1fs", name, time.perf_counter() - t0)
-        return Served(rec=rec, name=name, manifest=manifest, users=users, loaded_at=time.time())
+        return Served(rec=rec, name=name, manifest=manifest, users=users, loaded_at=time.time(), histories=stamp)
 
     def check(self) -> bool:
-        """Reload if ``LIVE`` names a version other than the one served; True when the version changed.
+        """Reload if ``LIVE`` names a version other than the one served, or the served version's histories were
+        replaced; True when what is served changed.
 
         Called by the watcher thread; tests may call it directly. A failed load keeps the current version.
         """
@@ -110,7 +122,8 @@ class LiveRecommender:
                 logger.info("index version %s is live again; dropping the failed reload of %s",
                             name, self._failed)
                 self._failed, self.reload_error = None, None
-            if name is None or name == self._current.name or name == self._failed:
+            fresh = name == self._current.name and self._histories_stamp() == self._current.histories
+            if name is None or fresh or (name == self._failed and name != self._current.name):
                 return False
             try:
                 served = self._load(name)

@@ -27,6 +27,7 @@ from data.items import collate_items, pad_batch, to_device
 from data.profiles import ProfileBuilder, profile_builder
 from data.protocol import Split, held_out, ranking_metrics, split_catalog, target_ranks
 from data.rundir import RunDir
+from data.tombstones import Tombstones
 from errors import CatalogError, CheckpointError, ConfigError
 from towers.device import resolve_device
 from towers.factory import TwoTower, build_towers, is_saved, load_towers, make_item_dataset, save_towers
@@ -217,17 +218,20 @@ class TrainingData:
     id_items: ItemSpace  # rows of the item tower's id table: the split items training sees (all, warm)
     split_rows: np.ndarray  # (I,) split index -> catalog row
     id_rows: np.ndarray  # (N,) catalog row -> id-table row, -1 for items outside the split or new (cold-items)
+    erased: Tombstones = field(default_factory=Tombstones)  # users dropped (the catalog's list, a source run's)
 
 
-def load_training_data(config: Config, catalog_dir: str | Path) -> TrainingData:
-    """Step 1: load and validate the catalog, and split it by the leave-one-out protocol."""
-    catalog = load_catalog(catalog_dir)
+def load_training_data(config: Config, catalog_dir: str | Path, erased: Tombstones | None = None) -> TrainingData:
+    """Step 1: load and validate the catalog (without the users erased from it or in ``erased``), and split it by
+    the leave-one-out protocol."""
+    erased = Tombstones.of(catalog_dir).update(erased or Tombstones())
+    catalog = load_catalog(catalog_dir, erased)
     split = split_catalog(config, catalog)
     catalog_items = ItemSpace(catalog.items["item_id"].to_list(), "catalog")
     split_items = ItemSpace(split.item_ids, "split")
     id_items = ItemSpace(split.item_ids[:split.num_train_items], "id table")  # new items last: see Split
     return TrainingData(catalog, split, catalog_items, split_items, id_items,
-                        split_rows=split_items.to(catalog_items), id_rows=catalog_items.to(id_items))
+                        split_rows=split_items.to(catalog_items), id_rows=catalog_items.to(id_items), erased=erased)
 
 
 def build_item_bank(config: Config, model: TwoTower, data: TrainingData, device, progress: bool) -> ItemBank:
@@ -357,7 +361,8 @@ def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress
     staged = run.staging(overwrite) if rank == 0 else None
     try:
         seed_everything(config.train.seed)
-        data = load_training_data(config, catalog_dir)
+        # A source run's erased users stay erased, whatever catalog this training reads.
+        data = load_training_data(config, catalog_dir, Tombstones.of(resume_from) if resume_from else None)
         model = build_towers(config, num_ids=data.split.num_train_items).to(device)  # step 2
         if resume_from is not None or init_from is not None:
             init_from_run(model, resume_from or init_from, data.id_items, transfer=init_from is not None)
@@ -467,6 +472,7 @@ def write_run(run: RunDir, model: TwoTower, data: TrainingData, result: TrainRes
     save_towers(model, run)
     run.write_catalog_ref(data.catalog)
     run.write_histories(data.split)
+    data.erased.write(run.path)
     run.write_id_table(data.id_items.ids)
     run.write_metrics({"protocol": model.config.data.protocol, "best_epoch": result.best_epoch, "valid": result.valid, "test": result.test,
                        "history": result.history, "seconds": result.seconds,

@@ -28,7 +28,7 @@ class Running:
 
 @contextmanager
 def running_server(run_dir: Path, poll_s: float = 0.0, max_body: int | None = None,
-                   batcher: Batcher | None | str = "default") -> Iterator[Running]:
+                   batcher: Batcher | None | str = "default", allow_forget: bool = False) -> Iterator[Running]:
     """Serve ``run_dir`` over real HTTP (uvicorn on 127.0.0.1, any free port) until the block ends, with dynamic
     batching as ``serve`` has it (``batcher=None``: each request on its own)."""
     import uvicorn
@@ -36,7 +36,7 @@ def running_server(run_dir: Path, poll_s: float = 0.0, max_body: int | None = No
     live = LiveRecommender(run_dir, device="cpu", poll_s=poll_s)
     kwargs = {} if max_body is None else {"max_body": max_body}
     batcher = Batcher() if batcher == "default" else batcher
-    app = create_app(live, CatalogMedia.for_run(run_dir), batcher=batcher, **kwargs)
+    app = create_app(live, CatalogMedia.for_run(run_dir), batcher=batcher, allow_forget=allow_forget, **kwargs)
     sock = bind("127.0.0.1", 0)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
