@@ -127,7 +127,12 @@ class Recommender:
 
     def _rows(self, item_ids: Iterable, where: str = "") -> list[int]:
         """Index-table rows of item ids (a clear error for any unknown or mistyped id)."""
-        return [self.index_items.row(self._key(i, where)) for i in id_list(item_ids, where or "item ids")]
+        ids = id_list(item_ids, where or "item ids")
+        if all(type(i) is int or type(i) is str for i in ids):  # the common case, one dict lookup each
+            rows = self.index_items.rows(ids)
+            if len(rows) == 0 or rows.min() >= 0:
+                return rows.tolist()
+        return [self.index_items.row(self._key(i, where)) for i in ids]
 
     def history_of(self, user_id) -> list:
         """The user's known history (item ids, oldest first)."""
