@@ -59,7 +59,7 @@ def train_row(engine: Path, catalog: str, setup: str, overrides: list[str], run:
               protocol: str = "warm", init_from: Path | None = None, zero_shot: bool = False) -> dict:
     """One ``cli.py train`` run in a fresh process; its --json line plus wall minutes and the command."""
     cmd = [sys.executable, "cli.py", "train", "--catalog", catalog, "--run", str(run), "--overwrite", "--json"]
-    if protocol != "warm":
+    if protocol != "warm" or init_from is not None:  # a source run's config would bring its own protocol
         cmd += ["--protocol", protocol]
     if init_from is not None:
         cmd += ["--init-from", str(init_from)] + (["--zero-shot"] if zero_shot else [])

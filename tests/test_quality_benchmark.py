@@ -91,6 +91,7 @@ def test_quality_writes_rows_that_accumulate(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     zero = [r for r in json.loads((tmp_path / "q" / "quality.json").read_text()) if r["label"] == "zero-shot"][0]
     assert f"--init-from {run.resolve()} --zero-shot" in zero["command"] and zero["epochs"] == 0
+    assert "--protocol warm --init-from" in zero["command"]  # not the source run's protocol
 
 
 def test_quality_refuses_what_it_cannot_use(tmp_path: Path) -> None:
