@@ -46,9 +46,7 @@ PROTOCOLS: tuple[str, ...] = typing.get_args(Protocol)  # data.protocol's values
 
 class FieldError(ConfigError):
     """A field value that fails its declared check (range, format, or a rule across fields of one section).
-
-    Raised by ``__post_init__``, which knows the field but not its section; :func:`_build` adds the dotted path.
-    """
+    Raised by ``__post_init__``, which knows the field but not its section; :func:`_build` adds the dotted path."""
 
     def __init__(self, name: str, problem: str):
         super().__init__(f"{name}: {problem}")
@@ -179,7 +177,8 @@ class ItemTowerConfig(_Checked):
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     audio: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
-    id_embedding: bool = True  # learn an id vector per training item (absent for cold-start items)
+    # an id vector per training item; "auto": on, except for the cold-items protocol (content alone; see Config)
+    id_embedding: bool | Literal["auto"] = _checked(True, _bool_or_auto)
     modality_dropout: float = _bounded(0.1, ge=0, lt=1)  # drop each present modality with this probability in training
     fusion: Fusion = "gated"  # "gated": learned per-modality weights over the present ones; "mean"
 
@@ -356,6 +355,9 @@ class Config(_Checked):
         if self.data.protocol != "warm" and self.user.input != "items":
             raise FieldError("data.protocol", f"{self.data.protocol!r} needs item-sequence training (user.input="
                                               f"items); this config has user.input={self.user.input!r}")
+        if self.item.id_embedding == "auto":  # resolved here: every reader of the config sees a bool
+            ids = self.data.protocol != "cold-items"
+            object.__setattr__(self, "item", dataclasses.replace(self.item, id_embedding=ids))
         if self.data.protocol == "cold-items" and self.user.input_table != "shared":
             raise FieldError("data.protocol", "cold-items needs user.input_table=shared: new items have no row "
                                               f"in an own input table (this config: {self.user.input_table!r})")

@@ -130,6 +130,25 @@ def test_boundary_values_are_accepted() -> None:
     assert config.dim == 1 and config.train.patience == 0 and config.item.modality_dropout == 0.0
 
 
+def test_id_vectors_auto_follow_the_protocol() -> None:
+    """The default's ``item.id_embedding: auto`` is resolved when the config is built: id vectors for warm and
+    cold-users, none for cold-items (new items are ranked from content, like the known ones). An explicit value
+    wins, and a bare item tower refuses an unresolved "auto"."""
+    assert load_config("hllm").item.id_embedding is True
+    assert load_config("hllm", ["data.protocol=cold-users"]).item.id_embedding is True
+    assert load_config("hllm", ["data.protocol=cold-items"]).item.id_embedding is False
+    assert load_config("hllm", ["data.protocol=cold-items", "item.id_embedding=true"]).item.id_embedding is True
+    assert load_config("tiny", ["item.id_embedding=auto", "data.protocol=cold-items",
+                                "user.input=items"]).item.id_embedding is False
+    with pytest.raises(ConfigError, match="item.id_embedding: 'maybe' is not"):
+        load_config("tiny", ["item.id_embedding=maybe"])
+    from configs import ItemTowerConfig
+    from towers.item import ItemTower
+
+    with pytest.raises(ConfigError, match="resolved by configs.Config"):
+        ItemTower(ItemTowerConfig(id_embedding="auto"), dim=8, num_ids=4)
+
+
 def test_every_numeric_field_declares_its_range() -> None:
     """A new int or float field must come with a range (``_bounded``), so ``--set x=0`` is never silently taken."""
     unchecked = [f"{cls.__name__}.{f.name}" for cls in _sections() for f in dataclasses.fields(cls)

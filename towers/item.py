@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from configs import ItemTowerConfig
-from errors import CheckpointError
+from errors import CheckpointError, ConfigError
 from towers.audio import AudioEncoder
 from towers.fusion import ModalityFusion
 from towers.image import ImageEncoder
@@ -38,6 +38,8 @@ class ItemTower(nn.Module):
             encoder = getattr(self, name)
             if encoder is not None:
                 dims[name] = encoder.feature_dim
+        if cfg.id_embedding == "auto":
+            raise ConfigError("item.id_embedding 'auto' is resolved by configs.Config (from data.protocol)")
         self.num_ids = num_ids if cfg.id_embedding else 0
         if self.num_ids:
             self.ids = nn.Embedding(num_ids, dim)
