@@ -55,3 +55,19 @@ def test_load_benchmark_measures_both_servers(tiny_run: Path, tmp_path: Path) ->
     assert any(line.startswith("ratio: req/s with batching") for line in lines)
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(run) not in ps  # both servers were stopped
+
+
+def test_batch_benchmark_prices_each_batch_size(tiny_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "batch.json"
+    proc = subprocess.run([sys.executable, "benchmarks/bench_batch.py", "--run", str(tiny_run), "--sizes", "1", "4",
+                           "--repeats", "3", "--threads", "1", "--json", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 4]
+    for r in rows:
+        assert 0 < r["user_tower_ms"] and 0 < r["ms_per_request"] <= r["ms_per_batch"] < 60_000
+        assert r["ms_per_request"] * r["batch"] == pytest.approx(r["ms_per_batch"])
+    assert rows[0]["gain"] == 1.0 and rows[1]["gain"] == pytest.approx(rows[0]["ms_per_request"]
+                                                                       / rows[1]["ms_per_request"])
+    assert "gain vs 1" in proc.stdout
