@@ -364,8 +364,9 @@ def train(config: Config, catalog_dir: str | Path, run_dir: str | Path, progress
         # A source run's erased users stay erased, whatever catalog this training reads.
         data = load_training_data(config, catalog_dir, Tombstones.of(resume_from) if resume_from else None)
         if config.data.protocol == "cold-items":
-            logger.info("data.protocol cold-items: item.id_embedding %s (its 'auto' turns id vectors off: new and "
-                        "known items are then ranked from their content alone)", config.item.id_embedding)
+            logger.info("data.protocol cold-items: item.id_embedding %s (%s)", config.item.id_embedding,
+                        "id vectors for known items only" if config.item.id_embedding
+                        else "new and known items are ranked from their content alone")
         model = build_towers(config, num_ids=data.split.num_train_items).to(device)  # step 2
         if resume_from is not None or init_from is not None:
             init_from_run(model, resume_from or init_from, data.id_items, transfer=init_from is not None)
