@@ -117,14 +117,19 @@ def collate_items(items: Sequence[dict], pad_id: int = 0, image_size: int = 0) -
 
 def item_loader(dataset: ItemDataset, rows: Sequence[int] | None = None, batch_size: int = 64,
                 num_workers: int = 0, text_only: bool = False) -> DataLoader:
-    """DataLoader over ``rows`` (default: all items) in order; ``text_only`` decodes no media."""
+    """DataLoader over ``rows`` (default: all items) in order; ``text_only`` decodes no media.
+
+    It draws nothing from the global random state (its worker seed comes from a generator of its own), so
+    encoding a catalog's features on a cache miss leaves a seeded training exactly where a cache hit does.
+    """
     if text_only:
         dataset = dataset.without("image", "audio")
     pad = dataset.tokenizer.pad_token_id if dataset.tokenizer is not None else 0
     size = dataset.cfg.image.image_size
     subset = dataset if rows is None else Subset(dataset, list(rows))
     return DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      collate_fn=functools.partial(collate_items, pad_id=pad, image_size=size))
+                      collate_fn=functools.partial(collate_items, pad_id=pad, image_size=size),
+                      generator=torch.Generator().manual_seed(0))
 
 
 def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:

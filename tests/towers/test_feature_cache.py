@@ -45,3 +45,19 @@ def test_text_features_are_cached_and_keyed_on_texts_and_weights(tiny_catalog: P
         next(model.item.text.parameters()).add_(0.01)
     feature_cache.text_features(model, dataset, torch.device("cpu"), progress=False)
     assert len(list((tmp_path / "features").glob("text-*.safetensors"))) == 3
+
+
+def test_a_cache_miss_leaves_the_global_random_state_as_a_hit_does(tiny_catalog: Path, tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    # training seeds once, then encodes (or reads) the features, then draws its initial weights and batches:
+    # the first run on a catalog must train exactly like every later one
+    monkeypatch.setattr(feature_cache, "cache_dir", lambda: tmp_path)
+    model = build_towers(load_config("tiny", ["item.text.trainable=false"])).eval()
+    dataset = make_item_dataset(load_catalog(tiny_catalog), model)
+    draws = []
+    for _ in range(2):  # a miss, then a hit
+        torch.manual_seed(0)
+        feature_cache.text_features(model, dataset, torch.device("cpu"), progress=False)
+        draws.append(torch.rand(4))
+    torch.manual_seed(0)
+    assert torch.equal(draws[0], draws[1]) and torch.equal(draws[0], torch.rand(4))
