@@ -30,7 +30,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs import RerankConfig  # noqa: E402
-from errors import CheckpointError  # noqa: E402
+from errors import CheckpointError, TowerrecError  # noqa: E402
 from rerank.llm import LLMReranker, adapter_paths  # noqa: E402
 from towers.hub import load_tokenizer  # noqa: E402
 
@@ -70,10 +70,18 @@ def quality_benchmark(args) -> dict:
     from data.protocol import split_catalog
     from data.rundir import RunDir
     from rerank.pipeline import Pipeline
-    from train.rerank import LLM_ONLY, llm_scores, rerank_metrics, retriever_candidates, tune_weight
+    from train.rerank import (
+        LLM_ONLY,
+        llm_scores,
+        require_unseen_validation,
+        rerank_metrics,
+        retriever_candidates,
+        tune_weight,
+    )
 
     t_start = time.time()
     run = RunDir(args.run).require()
+    require_unseen_validation(run)  # a refit run has trained on the validation targets that tune the weights
     rec = Pipeline.load(run.path, device=args.device)
     for change in args.set:
         key, _, value = change.partition("=")
@@ -203,7 +211,10 @@ def main() -> None:
         return
     if not args.run:
         p.error("give --run RUN (quality and latency) or --cache (KV-cache micro-benchmark)")
-    result = quality_benchmark(args)
+    try:
+        result = quality_benchmark(args)
+    except TowerrecError as err:  # bad input: one line, exit 2
+        p.exit(2, f"bench_rerank: {err}\n")
     print(table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

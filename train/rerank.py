@@ -229,6 +229,20 @@ class RerankResult:
     history: list[dict] = field(default_factory=list)  # one record per validation
 
 
+def require_unseen_validation(run: RunDir) -> None:
+    """Refuse a run whose towers trained on its validation targets (``train.refit``, in ``metrics.json``).
+
+    The refit model served by such a run has seen every user's validation item, so its validation top-N holds the
+    target far more often than it would for an unseen item: a fusion weight, an early stop or a benchmark read on
+    those users would measure memory, not ranking.
+    """
+    refit = run.read_metrics().get("refit") if run.metrics_path.is_file() else None
+    if refit:
+        raise ConfigError(f"{run.path}: its towers were refit with every user's validation item (train.refit, "
+                          f"{refit['epochs']} epochs), so its validation users cannot tune or judge a reranker; "
+                          "train the run with --set train.refit=false for that")
+
+
 def rerank_config(run: RunDir, mode: str | None, overrides: Sequence[str], command: str = "train-rerank") -> Config:
     """The run's config with ``rerank.*`` overrides (``mode`` too); other sections cannot change here."""
     for o in overrides:
@@ -256,6 +270,7 @@ def train_reranker(run_dir: str | Path, mode: Literal["listwise", "pointwise", "
     """
     t_start, cpu_start = time.time(), time.process_time()
     run = RunDir(run_dir).require()
+    require_unseen_validation(run)
     config = rerank_config(run, mode, overrides)
     cfg: RerankConfig = config.rerank
     rec = recommender or Pipeline.load(run.path, device=device)

@@ -4,6 +4,8 @@ top-N is the candidate list, the adapter is saved into the run and served, and t
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +190,20 @@ def test_cli_train_rerank_pointwise(run: Path, capsys) -> None:
     assert "train-rerank changes rerank.* settings only" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="rerank.mode: must be one of"):
         train_reranker(run, overrides=["rerank.mode=generative"], progress=False)
+
+
+def test_a_run_refit_on_its_validation_items_cannot_tune_or_judge_a_reranker(run: Path, capsys) -> None:
+    # train.refit writes its record into metrics.json; the served towers then trained on every validation target
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, "refit": {"epochs": 3, "seconds": 1.0, "history": []}}))
+    with pytest.raises(ConfigError, match="refit with every user's validation item"):
+        train_reranker(run, "listwise", FAST, device="cpu", progress=False)
+    assert cli.main(["train-rerank", "--run", str(run), "--quiet", "--device", "cpu"]) == 2
+    assert "--set train.refit=false" in capsys.readouterr().err
+    assert not (run / "rerank").exists()  # nothing was written
+    bench = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_rerank.py"
+    done = subprocess.run([sys.executable, str(bench), "--run", str(run), "--variants", "zero-shot-listwise"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("bench_rerank: ") and "train.refit=false" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
