@@ -258,7 +258,7 @@ def measure(server: Server, bodies: list[bytes], rerank: str, clients: int, args
         cell.error = dead
         return cell
     latencies, errors, seconds = drive(server.url, bodies, clients, args.requests, args.timeout)
-    cell.requests, cell.errors, cell.seconds = len(latencies) + len(errors), len(errors), round(seconds, 3)
+    cell.requests, cell.errors, cell.seconds = len(latencies) + len(errors), len(errors), round(seconds, 6)
     cell.error = errors[0] if errors else None
     if latencies:
         ms = sorted(x * 1e3 for x in latencies)

@@ -232,12 +232,13 @@ class RerankResult:
 def require_unseen_validation(run: RunDir) -> None:
     """Refuse a run whose towers trained on its validation targets (``train.refit``, in ``metrics.json``).
 
-    The refit model served by such a run has seen every user's validation item, so its validation top-N holds the
-    target far more often than it would for an unseen item: a fusion weight, an early stop or a benchmark read on
-    those users would measure memory, not ranking.
+    Under the warm protocol the refit model served by such a run has seen every user's validation item, so its
+    validation top-N holds the target far more often than it would for an unseen item: a fusion weight, an early
+    stop or a benchmark read on those users would measure memory, not ranking. The cold protocols' validation
+    cases stay unseen through a refit (their items or users are never trained on), so those runs pass.
     """
     refit = run.read_metrics().get("refit") if run.metrics_path.is_file() else None
-    if refit:
+    if refit and run.read_config().data.protocol == "warm":
         raise ConfigError(f"{run.path}: its towers were refit with every user's validation item (train.refit, "
                           f"{refit['epochs']} epochs), so its validation users cannot tune or judge a reranker; "
                           "train the run with --set train.refit=false for that")

@@ -207,3 +207,19 @@ def test_a_run_refit_on_its_validation_items_cannot_tune_or_judge_a_reranker(run
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.startswith("bench_rerank: ") and "train.refit=false" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("protocol", ["cold-items", "cold-users"])
+def test_a_refit_leaves_the_cold_protocols_validation_cases_unseen(run: Path, protocol: str) -> None:
+    # The refit adds warm users' validation items of trained items: a cold case's item or user is never among them
+    config = json.loads((run / "config.json").read_text())
+    config["data"]["protocol"] = protocol
+    config["user"]["input"], config["user"]["input_table"] = "items", "shared"
+    (run / "config.json").write_text(json.dumps(config))
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, "refit": {"epochs": 3, "seconds": 1.0, "history": []}}))
+    train_rerank.require_unseen_validation(RunDir(run))  # passes
+    config["data"]["protocol"] = "warm"
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="refit with every user's validation item"):
+        train_rerank.require_unseen_validation(RunDir(run))
