@@ -81,7 +81,7 @@ def quality_benchmark(args) -> dict:
 
     t_start = time.time()
     run = RunDir(args.run).require()
-    require_unseen_validation(run)  # a refit run has trained on the validation targets that tune the weights
+    require_unseen_validation(run)  # a warm refit run has trained on the validation targets that tune the weights
     rec = Pipeline.load(run.path, device=args.device)
     for change in args.set:
         key, _, value = change.partition("=")
